@@ -1,0 +1,244 @@
+"""GrowPruneModule: the LightningModule that wraps any ``nn.Module`` for growing and pruning.
+
+The module owns everything that describes the *current* network beyond its weights, so that a
+checkpoint alone can rebuild it: the weight masks of unstructured pruning and the edit log of
+structural changes. Strategies (Lightning callbacks) change the network through this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from growprune.metrics import SizeMeter, count_parameters
+from growprune.models import create_model
+
+
+def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Adam with learning rate 1e-3: the default when no optimizer is configured."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class GrowPruneModule(pl.LightningModule):
+    """Trains a classifier and keeps the bookkeeping growing and pruning need.
+
+    Args:
+        arch: a registered model name (see ``growprune.models.list_models()``) or an ``nn.Module``
+            (in YAML: a ``class_path`` to any module class, yours included).
+        arch_kwargs: extra keyword arguments for the model builder (when ``arch`` is a name).
+        num_classes: number of classes; linked from the data module under the CLI.
+        input_shape: shape of one input sample, e.g. ``(1, 28, 28)``; linked from the data module
+            under the CLI. Used to check model/data compatibility before training and to count FLOPs.
+        optimizer: a callable that builds the optimizer from the parameters (in YAML, an optimizer
+            ``class_path`` with ``init_args`` minus ``params``). It is called again after every
+            structural change, which keeps the optimizer in step with the network.
+        lr_scheduler: optional callable that builds an LR scheduler from the optimizer.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+        monitor: metric that ``ReduceLROnPlateau`` schedulers watch.
+    """
+
+    def __init__(
+        self,
+        arch: str | nn.Module = "lenet_300_100",
+        arch_kwargs: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: str = "epoch",
+        monitor: str = "val/loss",
+    ):
+        super().__init__()
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)
+        self.input_shape = tuple(int(size) for size in input_shape) if input_shape is not None else None
+        self.model = self._build_model(arch, arch_kwargs or {}, num_classes, self.input_shape)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.monitor = monitor
+        self.original_params = count_parameters(self.model)
+        # Unstructured masks: parameter name -> tensor of 0/1 of the parameter's shape and dtype.
+        self.masks: dict[str, torch.Tensor] = {}
+        # Structural edits in the order applied (JSON-serialisable dicts); replayed on load.
+        self.edit_log: list[dict[str, Any]] = []
+        self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
+        if self.input_shape is not None:
+            self._check_shapes(num_classes)
+
+    # ----------------------------------------------------------------------------------- set-up
+    @property
+    def hparams_initial(self) -> Any:
+        """Hyper-parameters for the loggers; the data module's own values win for linked shapes.
+
+        The CLI links ``num_classes`` and ``input_shape`` from the data; Lightning refuses to log
+        a key that both hold with different types (a YAML list vs a tuple), so log the data's.
+        """
+        hparams = super().hparams_initial
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule_hparams = getattr(datamodule, "hparams_initial", {}) if datamodule is not None else {}
+        for key in ("num_classes", "input_shape"):
+            if key in datamodule_hparams:
+                hparams.pop(key, None)
+        return hparams
+
+    @staticmethod
+    def _build_model(
+        arch: str | nn.Module, arch_kwargs: dict[str, Any], num_classes: int | None, input_shape: tuple | None
+    ) -> nn.Module:
+        if isinstance(arch, nn.Module):
+            if arch_kwargs:
+                raise ValueError("arch_kwargs only applies when arch is a registered model name")
+            return arch
+        if not isinstance(arch, str):
+            raise TypeError(f"arch must be a model name or an nn.Module, got {type(arch).__name__}")
+        shape_kwargs: dict[str, Any] = {}
+        if num_classes is not None:
+            shape_kwargs["num_classes"] = num_classes
+        if input_shape is not None:
+            shape_kwargs["in_channels"] = input_shape[0]
+            if len(input_shape) == 3:
+                shape_kwargs["image_size"] = tuple(input_shape[1:])
+        return create_model(arch, **{**shape_kwargs, **arch_kwargs})
+
+    def _check_shapes(self, num_classes: int | None) -> None:
+        """Fail before training when the model cannot take the data's inputs or emits the wrong classes."""
+        name = self.hparams.get("arch", type(self.model).__name__)
+        if not isinstance(name, str):
+            name = type(self.model).__name__
+        probe = torch.zeros(2, *self.input_shape)
+        modes = {module: module.training for module in self.model.modules()}
+        try:
+            with torch.no_grad():
+                output = self.model.eval()(probe)
+        except RuntimeError as error:
+            raise ValueError(
+                f"model {name!r} cannot take inputs of shape {self.input_shape} from the data: {error}"
+            ) from error
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        if num_classes is not None and tuple(output.shape) != (2, num_classes):
+            raise ValueError(
+                f"model {name!r} outputs shape {tuple(output.shape[1:])} per sample but the data has "
+                f"{num_classes} classes"
+            )
+
+    # --------------------------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = F.cross_entropy(logits, targets)
+        accuracy = (logits.argmax(dim=1) == targets).float().mean()
+        on_step = stage == "train"
+        batch_size = targets.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train") + self.extra_loss()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def extra_loss(self) -> torch.Tensor | float:
+        """Sum of the penalties that strategies registered with :meth:`add_loss_term` (0 if none)."""
+        terms = getattr(self, "_loss_terms", {})
+        return sum((term(self) for term in terms.values()), 0.0)
+
+    def add_loss_term(self, name: str, term: Callable[["GrowPruneModule"], torch.Tensor]) -> None:
+        """Register a penalty added to the training loss (regularised pruning); same name replaces."""
+        if not hasattr(self, "_loss_terms"):
+            self._loss_terms: dict[str, Callable] = {}
+        self._loss_terms[name] = term
+
+    def remove_loss_term(self, name: str) -> None:
+        """Stop adding the penalty registered as ``name``."""
+        getattr(self, "_loss_terms", {}).pop(name, None)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after every step, so pruned weights stay exactly zero whatever the optimizer does
+        # (momentum, Adam moments, weight decay would otherwise revive them).
+        self.apply_masks()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------------------------ masks
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Set the 0/1 mask of parameter ``name`` and zero the masked weights now."""
+        parameter = self.model.get_parameter(name)
+        if mask.shape != parameter.shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(parameter.shape)}")
+        self.masks[name] = mask.detach().to(device=parameter.device, dtype=parameter.dtype).clone()
+        with torch.no_grad():
+            parameter.mul_(self.masks[name])
+
+    def apply_masks(self) -> None:
+        """Multiply every masked parameter by its mask (one fused call for all of them)."""
+        if not self.masks:
+            return
+        parameters = [self.model.get_parameter(name) for name in self.masks]
+        with torch.no_grad():
+            torch._foreach_mul_(parameters, list(self.masks.values()))
+
+    # ------------------------------------------------------------------------------ size metrics
+    def size_metrics(self) -> dict[str, float]:
+        """``params/total``, ``params/nonzero``, ``flops/dense``, ``flops/effective``, ``compression``."""
+        if self._size_meter is None:
+            raise RuntimeError("size metrics need input_shape (the data module's input shape)")
+        return self._size_meter(self.model)
+
+    def _log_size_metrics(self) -> None:
+        if self._size_meter is not None and not self.trainer.sanity_checking:
+            self.log_dict(self.size_metrics(), on_epoch=True, sync_dist=False, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_size_metrics()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_size_metrics()
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["growprune"] = {
+            "masks": {name: mask.detach().to(torch.bool).cpu() for name, mask in self.masks.items()},
+            "edit_log": list(self.edit_log),
+            "original_params": self.original_params,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("growprune")
+        if state is None:
+            return
+        self.edit_log = list(state.get("edit_log", []))
+        self.original_params = int(state.get("original_params", self.original_params))
+        if self._size_meter is not None:
+            self._size_meter.original_params = self.original_params
+        self.masks = {}
+        for name, mask in state.get("masks", {}).items():
+            parameter = self.model.get_parameter(name)
+            self.masks[name] = mask.to(device=parameter.device, dtype=parameter.dtype)

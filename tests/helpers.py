@@ -1,0 +1,28 @@
+"""Small builders shared by the tests: tiny trainers and data that run in a second on 2 cores."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from growprune.data import SyntheticDataModule
+
+
+def tiny_data(**kwargs) -> SyntheticDataModule:
+    options = {"num_samples": 256, "input_shape": (1, 8, 8), "num_classes": 4, "batch_size": 32, "seed": 0}
+    options.update(kwargs)
+    return SyntheticDataModule(**options)
+
+
+def tiny_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    options = {
+        "default_root_dir": str(tmp_path),
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)

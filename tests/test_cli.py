@@ -1,0 +1,156 @@
+"""The growprune command, driven in-process (importing Lightning costs seconds per subprocess)."""
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from growprune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+FAST = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+NO_WANDB_LOGGER = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "runs"]
+
+
+def summary_path_from(output: str) -> Path:
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith("summary: ")
+    return Path(last_line.removeprefix("summary: "))
+
+
+def test_fit_quickstart_writes_summary_and_checkpoint_that_validate_reloads(capsys):
+    main(["fit", "-c", QUICKSTART, *FAST])
+    output = capsys.readouterr().out
+    assert "growprune fit summary" in output
+    summary = json.loads(summary_path_from(output).read_text())
+    for key in ("val/acc", "params/total", "params/nonzero", "flops/dense", "flops/effective", "compression"):
+        assert key in summary, key
+    assert summary["val/acc"] > 0.8
+    assert summary["params/total"] == 50_610  # LeNet-300-100 on 8x8 digits
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint.is_file()
+    # the checkpoint loads with torch's safe default (no pickled objects)
+    torch.load(checkpoint, weights_only=True)
+
+    main(["validate", "-c", QUICKSTART, *FAST, "--ckpt_path", str(checkpoint)])
+    output = capsys.readouterr().out
+    validated = json.loads(summary_path_from(output).read_text())
+    assert validated["val/acc"] == pytest.approx(summary["val/acc"])
+    # a new run directory: the fit run's summary is untouched
+    assert summary_path_from(output) != Path(summary["checkpoint"]).parents[1] / "summary.json"
+
+
+def test_test_subcommand_reports_test_accuracy(capsys):
+    main(["test", "-c", QUICKSTART, *FAST])
+    summary = json.loads(summary_path_from(capsys.readouterr().out).read_text())
+    assert "test/acc" in summary and 0.0 <= summary["test/acc"] <= 1.0
+
+
+def test_print_config_shows_linked_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", QUICKSTART, "--print_config"])
+    assert exit_info.value.code == 0
+    output = capsys.readouterr().out
+    assert "arch: lenet_300_100" in output
+    assert "growprune.data.DigitsDataModule" in output
+
+
+def test_layered_configs_later_file_wins(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("trainer:\n  max_epochs: 1\nmodel:\n  arch: lenet5\ndata:\n  init_args:\n    image_size: 16\n")
+    main(["fit", "-c", QUICKSTART, "-c", str(override), "--trainer.enable_progress_bar", "false"])
+    summary = json.loads(summary_path_from(capsys.readouterr().out).read_text())
+    assert summary["epochs"] == 1
+    assert summary["params/total"] == 20 * 25 + 20 + 50 * 20 * 25 + 50 + 50 * 500 + 500 + 500 * 10 + 10
+
+
+def test_user_classes_plug_in_by_class_path(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_plugins.py").write_text(
+        textwrap.dedent(
+            """
+            import torch.nn as nn
+            from lightning.pytorch.callbacks import Callback
+
+            class TinyNet(nn.Module):
+                def __init__(self, hidden: int = 16):
+                    super().__init__()
+                    self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+                def forward(self, x):
+                    return self.net(x)
+
+            class CountEpochs(Callback):
+                epochs = 0
+
+                def on_train_epoch_end(self, trainer, pl_module):
+                    CountEpochs.epochs += 1
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "plugins.yaml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            model:
+              arch:
+                class_path: my_plugins.TinyNet
+                init_args:
+                  hidden: 12
+            trainer:
+              callbacks:
+                - class_path: my_plugins.CountEpochs
+            """
+        )
+    )
+    main(["fit", "-c", QUICKSTART, "-c", str(config), *FAST])
+    summary = json.loads(summary_path_from(capsys.readouterr().out).read_text())
+    assert summary["params/total"] == 64 * 12 + 12 + 12 * 10 + 10
+    assert sys.modules["my_plugins"].CountEpochs.epochs == 2
+
+
+def test_data_short_names_resolve(capsys):
+    main(["fit", "--data", "synthetic", "--data.num_samples", "128", *FAST, *NO_WANDB_LOGGER])
+    summary = json.loads(summary_path_from(capsys.readouterr().out).read_text())
+    assert summary["params/total"] == 50_610
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model.arch", "lenet_301"], "unknown model 'lenet_301'; valid names: lenet5, lenet_300_100"),
+        (["--data", "digitz"], "unknown data set 'digitz'; valid names: cifar10"),
+        (["--model.arch", "lenet5"], "12x12"),
+        (["--data", "idx", "--data.images", "/missing/images.gz", "--data.labels", "/missing/labels.gz"], "/missing/images.gz"),
+        (["--model.no_such_key", "3"], "no_such_key"),
+    ],
+)
+def test_bad_input_fails_with_clear_message_before_training(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", QUICKSTART, *FAST, *arguments])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Epoch" not in captured.out + captured.err
+    assert not list(Path("runs").glob("**/*.ckpt"))
+
+
+def test_listing_commands(capsys):
+    main(["models"])
+    models = capsys.readouterr().out.split()
+    assert {"lenet_300_100", "vgg16_bn", "resnet56", "torchvision.resnet18"} <= set(models)
+    main(["datasets"])
+    assert "growprune.data.DigitsDataModule" in capsys.readouterr().out
+
+
+def test_wandb_offline_run_writes_files(capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["fit", "-c", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    capsys.readouterr()
+    runs = list(Path("runs/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run has no .wandb data file"
