@@ -171,6 +171,19 @@ class GrowPruneModule(pl.LightningModule):
         """Stop adding the penalty registered as ``name``."""
         getattr(self, "_loss_terms", {}).pop(name, None)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Masked gradients keep momentum and Adam moments of pruned weights at zero, so a pruned
+        # weight carries no stale history (matters once growth can revive it).
+        if self.masks:
+            gradients, masks = [], []
+            for name, mask in self.masks.items():
+                gradient = self.model.get_parameter(name).grad
+                if gradient is not None:
+                    gradients.append(gradient)
+                    masks.append(mask)
+            if gradients:
+                torch._foreach_mul_(gradients, masks)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Right after every step, so pruned weights stay exactly zero whatever the optimizer does
@@ -223,6 +236,14 @@ class GrowPruneModule(pl.LightningModule):
         self._log_size_metrics()
 
     # ------------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load weights, first resizing layers whose shapes were changed by structural surgery."""
+        from growprune.surgery.resize import resize_to_state_dict
+
+        if resize_to_state_dict(self.model, state_dict, prefix="model."):
+            self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["growprune"] = {
             "masks": {name: mask.detach().to(torch.bool).cpu() for name, mask in self.masks.items()},

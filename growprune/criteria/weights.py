@@ -1,0 +1,71 @@
+"""Data-free and gradient criteria for single weights: magnitude, random, SNIP-style saliency."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from growprune.criteria.base import Batch, WeightCriterion
+
+
+class MagnitudeCriterion(WeightCriterion):
+    """|w| (Han et al. 2015). Combine with ``scope="layer"`` or ``scope="global"`` in the strategy."""
+
+    def score_layer(self, name: str, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.detach().abs()
+
+
+class RandomCriterion(WeightCriterion):
+    """Uniform random scores: the baseline every pruning paper should beat.
+
+    Args:
+        seed: seed of the scores; each call draws new scores from the same stream, so every rank
+            of a distributed run (and every rerun) prunes the same weights.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def score_layer(self, name: str, layer: nn.Module) -> torch.Tensor:
+        scores = torch.rand(layer.weight.shape, generator=self._generator)
+        return scores.to(layer.weight.device)
+
+
+class GradientCriterion(WeightCriterion):
+    """Connection saliency |w * dL/dw| summed over training batches (SNIP, Lee et al. 2019).
+
+    The forward passes run in eval mode (batch-norm statistics are left untouched) and the
+    parameters' ``.grad`` are restored afterwards, so scoring does not disturb training.
+    """
+
+    requires_data = True
+
+    def score(self, model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Batch] | None = None) -> dict[str, torch.Tensor]:
+        if not batches:
+            raise ValueError("GradientCriterion needs training batches to score weights, got none")
+        weights = {name: layer.weight for name, layer in layers.items()}
+        saved_grads = {name: (w.grad.clone() if w.grad is not None else None) for name, w in weights.items()}
+        saved_flags = {name: w.requires_grad for name, w in weights.items()}
+        modes = {module: module.training for module in model.modules()}
+        totals = {name: torch.zeros_like(w) for name, w in weights.items()}
+        try:
+            model.eval()
+            for weight in weights.values():
+                weight.requires_grad_(True)
+            with torch.enable_grad():
+                for inputs, targets in batches:
+                    gradients = torch.autograd.grad(F.cross_entropy(model(inputs), targets), list(weights.values()), allow_unused=True)
+                    for (name, weight), gradient in zip(weights.items(), gradients):
+                        if gradient is not None:
+                            totals[name] += (weight.detach() * gradient).abs()
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            for name, weight in weights.items():
+                weight.requires_grad_(saved_flags[name])
+                weight.grad = saved_grads[name]
+        return totals

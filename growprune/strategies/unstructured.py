@@ -1,0 +1,139 @@
+"""Unstructured pruning: mask single weights, with optional lottery-ticket rewinding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from growprune.criteria.base import WeightCriterion
+from growprune.criteria.weights import MagnitudeCriterion
+from growprune.schedules import Schedule
+from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
+from growprune.surgery.masks import SCOPES, keep_masks, select_layers, sparsity
+from growprune.surgery.optimizer import mask_optimizer_state, reset_optimizer_state
+
+
+def check_prune_amounts(schedule: Schedule) -> None:
+    """Pruning targets are fractions of the original size: each must lie in [0, 1)."""
+    amounts = getattr(schedule, "amounts", [schedule.amount, schedule.initial])
+    for amount in amounts:
+        if not 0.0 <= amount < 1.0:
+            raise ValueError(f"pruning amounts must lie in [0, 1), got {amount}")
+
+
+class UnstructuredPruning(Strategy):
+    """Mask the lowest-scoring weights of linear and conv layers, on a schedule.
+
+    The target is the fraction of the selected layers' ORIGINAL weights that must be zero.
+    Masked weights stay exactly zero after every optimizer step (momentum, Adam, weight decay
+    included); masks are monotone (a pruned weight never returns) and stored in checkpoints.
+
+    Args:
+        schedule: when to prune and how much (fractions in [0, 1)).
+        criterion: scores weights (default: magnitude). Any ``WeightCriterion`` subclass, yours too.
+        scope: ``"layer"`` (each layer loses the target fraction) or ``"global"`` (one ranking
+            across all selected layers).
+        layers: shell-style patterns of module names to prune (default: every linear/conv layer).
+        skip: patterns of module names to leave dense (e.g. ``["features.0", "classifier"]``).
+        skip_first_and_last: leave the first and last weight layer dense (a common choice).
+        rewind_epoch: lottery-ticket rewinding: after every pruning step, reset the whole network
+            to its weights at the start of this epoch (0: the initial weights) and apply the masks;
+            the optimizer state is reset too. ``None`` (default) keeps training the pruned weights.
+        scoring_batches: training batches for data-driven criteria (default 8 when needed).
+        name: metric prefix and edit-log key.
+        verbose: print a line after each pruning step.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        criterion: WeightCriterion | None = None,
+        scope: str = "layer",
+        layers: list[str] | None = None,
+        skip: list[str] | None = None,
+        skip_first_and_last: bool = False,
+        rewind_epoch: int | None = None,
+        scoring_batches: int | None = None,
+        name: str | None = None,
+        verbose: bool = True,
+    ):
+        criterion = criterion if criterion is not None else MagnitudeCriterion()
+        if not isinstance(criterion, WeightCriterion):
+            raise TypeError(f"criterion must be a WeightCriterion, got {type(criterion).__name__}")
+        if scoring_batches is None:
+            scoring_batches = 8 if criterion.requires_data else 0
+        if criterion.requires_data and scoring_batches < 1:
+            raise ValueError(f"{type(criterion).__name__} needs training data: set scoring_batches >= 1")
+        super().__init__(schedule, name=name, scoring_batches=scoring_batches, verbose=verbose)
+        check_prune_amounts(schedule)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if rewind_epoch is not None and rewind_epoch < 0:
+            raise ValueError(f"rewind_epoch must be >= 0, got {rewind_epoch}")
+        if rewind_epoch is not None and schedule.unit == "epoch" and rewind_epoch > schedule.start:
+            raise ValueError(f"rewind_epoch ({rewind_epoch}) is after the first pruning epoch ({schedule.start})")
+        self.criterion = criterion
+        self.scope = scope
+        self.layers = list(layers) if layers is not None else None
+        self.skip = list(skip or [])
+        self.skip_first_and_last = skip_first_and_last
+        self.rewind_epoch = rewind_epoch
+        self.original_sizes: dict[str, int] = {}
+        self.rewind_state: dict[str, torch.Tensor] | None = None
+
+    def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        selected = select_layers(pl_module.model, self.layers, self.skip, self.skip_first_and_last)
+        # sizes at the first set-up are the originals; a resumed run keeps the stored ones
+        for name, layer in selected.items():
+            self.original_sizes.setdefault(name, layer.weight.numel())
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rewind_epoch is not None and self.rewind_state is None and trainer.current_epoch == self.rewind_epoch:
+            # clone: the snapshot must not alias the live weights, or it would train along with them
+            self.rewind_state = {key: value.detach().clone() for key, value in pl_module.model.state_dict().items()}
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
+        model = pl_module.model
+        layers = {name: model.get_submodule(name) for name in self.original_sizes}
+        batches = self.collect_batches(trainer, pl_module) if self.criterion.requires_data else None
+        scores = self.criterion.score(model, layers, batches)
+        if self.scope == "layer":
+            keep: dict[str, int] | int = {name: round((1.0 - target) * size) for name, size in self.original_sizes.items()}
+        else:
+            keep = round((1.0 - target) * sum(self.original_sizes.values()))
+        current = {name: pl_module.masks[f"{name}.weight"] for name in layers if f"{name}.weight" in pl_module.masks}
+        masks = keep_masks(scores, keep, current)
+        masks = tensor_dict_to(broadcast_from_rank_zero(trainer, {k: v.cpu() for k, v in masks.items()}), pl_module.device)
+        if self.rewind_state is not None:
+            model.load_state_dict(self.rewind_state)
+            reset_optimizer_state(trainer.optimizers)
+        for name, mask in masks.items():
+            pl_module.set_mask(f"{name}.weight", mask)
+            mask_optimizer_state(trainer.optimizers, layers[name].weight, mask)
+        pruned = sum(int((mask == 0).sum()) for mask in masks.values())
+        total = sum(self.original_sizes.values())
+        record = {
+            "action": "prune_weights",
+            "criterion": repr(self.criterion),
+            "scope": self.scope,
+            "achieved": (pruned + total - sum(m.numel() for m in masks.values())) / total,
+            "per_layer": {name: sparsity(mask) for name, mask in masks.items()},
+        }
+        if self.rewind_state is not None:
+            record["rewound_to_epoch"] = self.rewind_epoch
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["original_sizes"] = dict(self.original_sizes)
+        if self.rewind_state is not None:
+            state["rewind_state"] = {key: value.cpu() for key, value in self.rewind_state.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.original_sizes = dict(state_dict.get("original_sizes", self.original_sizes))
+        self.rewind_state = state_dict.get("rewind_state")

@@ -1,0 +1,172 @@
+"""Keep training whole after surgery: optimizer state, LR schedulers, modes, DDP.
+
+After parameter objects change (structural pruning or growth), Lightning keeps stepping the old
+optimizer with no error while the new parameters never learn. :func:`repair_training` rebuilds
+the optimizers through ``configure_optimizers`` and carries over what the old ones knew:
+
+* per-parameter state (momentum, Adam moments), sliced to the kept entries of a shrunk parameter,
+  zero-padded for a grown one;
+* each param group's hyper-parameters as they are now (the current learning rate, not the initial);
+* LR scheduler state (epoch counters, base LRs);
+* each module's train/eval mode and each parameter's ``requires_grad``;
+* under DDP, the wrapper is rebuilt around the changed model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ParameterChange:
+    """How a new parameter relates to an old one.
+
+    ``kept`` lists, per dimension, the old indices that the new parameter holds in order (``None``:
+    the whole dimension). Entries of a larger new parameter beyond the kept ones start at zero state.
+    """
+
+    old: nn.Parameter
+    kept: Sequence[torch.Tensor | None] | None = None
+
+
+def _carry_tensor(
+    old: torch.Tensor, new_shape: torch.Size, kept: Sequence[torch.Tensor | None] | None, fill: float = 0.0
+) -> torch.Tensor:
+    """Old tensor cut to ``kept`` indices, placed at the start of a ``fill``-valued tensor of ``new_shape``."""
+    if old.shape == new_shape and kept is None:
+        return old.clone()
+    sliced = old
+    for dim, indices in enumerate(kept or []):
+        if indices is not None:
+            sliced = sliced.index_select(dim, indices.to(old.device))
+    result = torch.full(new_shape, fill, dtype=old.dtype, device=old.device)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(sliced.shape, new_shape))
+    result[region] = sliced[region]
+    return result
+
+
+def carry_optimizer_state(
+    old_optimizer: torch.optim.Optimizer,
+    new_optimizer: torch.optim.Optimizer,
+    changes: dict[nn.Parameter, ParameterChange] | None = None,
+) -> None:
+    """Copy per-parameter state and current group hyper-parameters from ``old_optimizer``."""
+    changes = changes or {}
+    old_params = {id(p) for group in old_optimizer.param_groups for p in group["params"]}
+    for new_group_index, new_group in enumerate(new_optimizer.param_groups):
+        if new_group_index < len(old_optimizer.param_groups):
+            old_group = old_optimizer.param_groups[new_group_index]
+            for key, value in old_group.items():
+                if key != "params":
+                    new_group[key] = value
+        for parameter in new_group["params"]:
+            change = changes.get(parameter)
+            old = change.old if change is not None else (parameter if id(parameter) in old_params else None)
+            if old is None or old not in old_optimizer.state:
+                continue
+            carried = {}
+            for key, value in old_optimizer.state[old].items():
+                if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
+                    carried[key] = _carry_tensor(value, parameter.shape, change.kept if change else None)
+                else:
+                    carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            new_optimizer.state[parameter] = carried
+
+
+def carry_masks(pl_module: Any, changes: dict[nn.Parameter, ParameterChange]) -> None:
+    """Move unstructured masks onto changed parameters (sliced like them; grown entries unmasked).
+
+    Masks are keyed by parameter name; a mask whose parameter no longer exists is dropped.
+    """
+    if not getattr(pl_module, "masks", None):
+        return
+    carried = {}
+    for name, mask in pl_module.masks.items():
+        parameter = _parameter_or_none(pl_module.model, name)
+        if parameter is None:
+            continue
+        change = changes.get(parameter)
+        if change is not None and change.old.shape == mask.shape:
+            carried[name] = _carry_tensor(mask, parameter.shape, change.kept, fill=1.0).to(parameter.device)
+        elif change is None and parameter.shape == mask.shape:
+            carried[name] = mask
+    pl_module.masks = carried
+
+
+def _parameter_or_none(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def mask_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], parameter: nn.Parameter, mask: torch.Tensor) -> None:
+    """Zero the state entries (momentum, moments) of masked-out weights, so none carries stale history."""
+    for optimizer in optimizers:
+        for value in optimizer.state.get(parameter, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                value.mul_(mask.to(value.dtype))
+
+
+def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Forget all per-parameter state (after rewinding weights, the old momentum is meaningless)."""
+    for optimizer in optimizers:
+        optimizer.state.clear()
+
+
+def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, ParameterChange] | None = None) -> None:
+    """Rebuild optimizers and schedulers after parameter objects changed, keeping their state.
+
+    Call after the model was edited in place. Restores each module's mode and the
+    ``requires_grad`` flags as they were before the edit (surgery tools may change both).
+    """
+    if changes:
+        carry_masks(pl_module, changes)
+    strategy = trainer.strategy
+    old_optimizers = list(trainer.optimizers)
+    old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    _rewrap_distributed(strategy, pl_module)
+    strategy.setup_optimizers(trainer)
+    for old, new in zip(old_optimizers, trainer.optimizers):
+        carry_optimizer_state(old, new, changes)
+    for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
+        config.scheduler.load_state_dict(state)
+        # the scheduler's constructor reset the LR to its base; put the current one back
+        last_lrs = state.get("_last_lr")
+        if last_lrs:
+            for group, lr in zip(config.scheduler.optimizer.param_groups, last_lrs):
+                group["lr"] = lr
+
+
+def _rewrap_distributed(strategy: Any, pl_module: nn.Module) -> None:
+    """Under DDP the wrapper holds buckets of the old parameters: wrap the changed model anew."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy) and strategy.model is not None and strategy.model is not pl_module:
+        strategy.model = pl_module
+        strategy.configure_ddp()
+
+
+class preserved_modes:
+    """Context manager: restore every module's train/eval mode and every parameter's
+    ``requires_grad`` (tools such as Torch-Pruning leave eval mode on and unfreeze parameters)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> "preserved_modes":
+        self.modes = {name: module.training for name, module in self.model.named_modules()}
+        self.flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, module in self.model.named_modules():
+            if name in self.modes:
+                module.training = self.modes[name]
+        for name, parameter in self.model.named_parameters():
+            if name in self.flags:
+                parameter.requires_grad_(self.flags[name])
