@@ -67,7 +67,8 @@ class GrowPruneModule(pl.LightningModule):
         self.monitor = monitor
         self.original_params = count_parameters(self.model)
         # Unstructured masks: parameter name -> tensor of 0/1 of the parameter's shape and dtype.
-        self.masks: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._mask_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         # Structural edits in the order applied (JSON-serialisable dicts); replayed on load.
         self.edit_log: list[dict[str, Any]] = []
         self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
@@ -174,15 +175,11 @@ class GrowPruneModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Masked gradients keep momentum and Adam moments of pruned weights at zero, so a pruned
         # weight carries no stale history (matters once growth can revive it).
-        if self.masks:
-            gradients, masks = [], []
-            for name, mask in self.masks.items():
-                gradient = self.model.get_parameter(name).grad
-                if gradient is not None:
-                    gradients.append(gradient)
-                    masks.append(mask)
-            if gradients:
-                torch._foreach_mul_(gradients, masks)
+        if self._masks:
+            parameters, masks = self._masked_pairs()
+            pairs = [(p.grad, mask) for p, mask in zip(parameters, masks) if p.grad is not None]
+            if pairs:
+                torch._foreach_mul_([grad for grad, _ in pairs], [mask for _, mask in pairs])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -201,22 +198,44 @@ class GrowPruneModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------------------------ masks
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> 0/1 mask. Assign a new dict (or use :meth:`set_mask`) to change them."""
+        return self._masks
+
+    @masks.setter
+    def masks(self, value: dict[str, torch.Tensor]) -> None:
+        self._masks = dict(value)
+        self.invalidate_mask_cache()
+
+    def invalidate_mask_cache(self) -> None:
+        """Forget the cached (parameter, mask) pairs; call after replacing parameter objects."""
+        self._mask_pairs = None
+
+    def _masked_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # Looking parameters up by name costs more than the masking itself: cache the pairs.
+        if self._mask_pairs is None:
+            parameters = [self.model.get_parameter(name) for name in self._masks]
+            self._mask_pairs = (parameters, list(self._masks.values()))
+        return self._mask_pairs
+
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         """Set the 0/1 mask of parameter ``name`` and zero the masked weights now."""
         parameter = self.model.get_parameter(name)
         if mask.shape != parameter.shape:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(parameter.shape)}")
-        self.masks[name] = mask.detach().to(device=parameter.device, dtype=parameter.dtype).clone()
+        self._masks[name] = mask.detach().to(device=parameter.device, dtype=parameter.dtype).clone()
+        self.invalidate_mask_cache()
         with torch.no_grad():
-            parameter.mul_(self.masks[name])
+            parameter.mul_(self._masks[name])
 
     def apply_masks(self) -> None:
         """Multiply every masked parameter by its mask (one fused call for all of them)."""
-        if not self.masks:
+        if not self._masks:
             return
-        parameters = [self.model.get_parameter(name) for name in self.masks]
+        parameters, masks = self._masked_pairs()
         with torch.no_grad():
-            torch._foreach_mul_(parameters, list(self.masks.values()))
+            torch._foreach_mul_(parameters, masks)
 
     # ------------------------------------------------------------------------------ size metrics
     def size_metrics(self) -> dict[str, float]:
@@ -241,6 +260,7 @@ class GrowPruneModule(pl.LightningModule):
         from growprune.surgery.resize import resize_to_state_dict
 
         if resize_to_state_dict(self.model, state_dict, prefix="model."):
+            self.invalidate_mask_cache()
             self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -259,7 +279,8 @@ class GrowPruneModule(pl.LightningModule):
         self.original_params = int(state.get("original_params", self.original_params))
         if self._size_meter is not None:
             self._size_meter.original_params = self.original_params
-        self.masks = {}
+        masks = {}
         for name, mask in state.get("masks", {}).items():
             parameter = self.model.get_parameter(name)
-            self.masks[name] = mask.to(device=parameter.device, dtype=parameter.dtype)
+            masks[name] = mask.to(device=parameter.device, dtype=parameter.dtype)
+        self.masks = masks

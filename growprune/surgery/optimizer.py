@@ -126,6 +126,8 @@ def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, Pa
     """
     if changes:
         carry_masks(pl_module, changes)
+    if hasattr(pl_module, "invalidate_mask_cache"):
+        pl_module.invalidate_mask_cache()
     strategy = trainer.strategy
     old_optimizers = list(trainer.optimizers)
     old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
