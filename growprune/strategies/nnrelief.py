@@ -1,0 +1,700 @@
+"""NNrelief: iterative pruning by each connection's share of its neuron's input signal.
+
+Dekhovich et al., "Neural network relief: a pruning algorithm based on neural activity"
+(arXiv 2109.10795). Every ``every`` epochs (``iterations`` times by default) the strategy:
+
+1. takes a pruning set of ``pruning_samples`` training samples;
+2. for each selected layer, from input to output, computes the NNrelief scores on the network
+   as already pruned by this step (one forward pass per layer) and, per neuron / filter, keeps
+   the smallest set of its largest scores (weights' and the bias's) whose cumulative share
+   reaches ``alpha_fc`` (linear) or ``alpha_conv`` (conv); the rest is masked;
+3. with ``remove_dead_units``: removes every unit whose output is exactly zero on the whole
+   pruning set (its incoming weights and bias, and its outgoing connections in the layer that
+   consumes it), then sweeps from the last layer back to the first removing units that have no
+   outgoing connection left (their incoming weights and bias). Units of the network's output
+   layer are never removed.
+
+Step 3 needs to know which weight layer consumes each unit's output. Links are found with
+``torch.fx`` and a shape check on a real batch, and only accepted along a single chain of ops that
+keep units apart: element-wise activations, dropout, per-channel batch/instance norm and pooling,
+and one flatten from ``(N, C, *S)`` to ``(N, C * prod(S))`` (channel ``c`` owns inputs
+``c * prod(S) ... (c + 1) * prod(S) - 1`` of the next linear layer). Linear->Linear, Conv->Conv and
+Conv->Flatten->Linear chains (LeNets, VGG) are linked; a layer whose output also goes elsewhere (a
+residual add, a concatenation, an op not listed, a model ``torch.fx`` cannot trace) gets no link
+and step 3 leaves it alone: the record lists it under ``unlinked_layers`` with the reason and a
+warning is printed once. Links that are proven (e.g. ``conv1 -> conv2`` inside a residual block)
+are still used, so residual nets get the dead-unit removal where it is safe and nowhere else.
+Batch-norm parameters of removed channels are not masked (their channel no longer reaches any
+weight); a skipped consumer layer keeps its weights.
+
+Masks are computed on every rank, then rank 0's masks are applied on all ranks (DDP-safe): the
+computation masks weights temporarily and restores them before the final masks are set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from growprune.criteria.base import Batch
+from growprune.criteria.nnrelief import (
+    DEFAULT_MAX_ELEMENTS,
+    check_supported,
+    collect_statistics,
+    cumulative_keep_mask,
+    expand_unit_tensor,
+    is_conv,
+    is_linear,
+    relief_scores,
+)
+from growprune.schedules import Constant, Schedule
+from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
+from growprune.surgery.masks import select_layers, sparsity, weight_layers
+from growprune.surgery.optimizer import mask_optimizer_state
+
+# ------------------------------------------------------------------------------------ links
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_CHANNEL_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.PReLU,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+}
+_CHANNEL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_METADATA_METHODS = {"size", "dim", "numel"}
+
+
+@dataclass(frozen=True)
+class UnitLink:
+    """Producer layer -> the weight layer that consumes its units: unit ``j`` of the producer
+    feeds the consumer's input units ``j * block ... (j + 1) * block - 1`` (features of a linear
+    consumer, channels of a conv consumer) and nothing else."""
+
+    consumer: str
+    block: int = 1
+
+
+@dataclass
+class LinkReport:
+    """Result of :func:`trace_unit_links`.
+
+    Attributes:
+        links: producer name -> :class:`UnitLink`.
+        final: layers whose output reaches no other weight layer (the output layers).
+        unlinked: layer name -> why no link could be established.
+    """
+
+    links: dict[str, UnitLink] = field(default_factory=dict)
+    final: set[str] = field(default_factory=set)
+    unlinked: dict[str, str] = field(default_factory=dict)
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, leaves: set[int]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return id(module) in self.leaves or super().is_leaf_module(module, qualified_name)
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(size) for size in shape) if shape is not None else None
+
+
+def _is_metadata_use(node: torch.fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return True
+    return node.op == "call_function" and node.target in (getattr, len)
+
+
+def _other_nodes(node: torch.fx.Node, source: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args[1:], node.kwargs), found.append)
+    return [other for other in found if other is not source]
+
+
+def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {name}"
+
+
+def trace_unit_links(model: nn.Module, example: torch.Tensor, names: Sequence[str] | None = None) -> LinkReport:
+    """Which weight layer consumes the units of each weight layer in ``names`` (default: all).
+
+    Traces ``model`` with ``torch.fx`` (weight layers as leaves), propagates the shapes of
+    ``example`` (a small input batch) through the graph in eval mode, and follows each layer's
+    output through single-use, unit-preserving ops to the next weight layer (see the module
+    docstring). Anything else leaves the layer unlinked, with the reason.
+    """
+    layers = weight_layers(model)
+    names = list(layers) if names is None else list(names)
+    report = LinkReport()
+    modes = {module: module.training for module in model.modules()}
+    try:
+        graph_module = torch.fx.GraphModule(model, _Tracer({id(m) for m in layers.values()}).trace(model))
+        model.eval()
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example)
+    except Exception as error:  # any model torch.fx cannot trace or run: no links, never a guess
+        reason = f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        report.unlinked = {name: reason for name in names}
+        return report
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    modules = dict(graph_module.named_modules())
+    calls: dict[str, list[torch.fx.Node]] = {name: [] for name in layers}
+    direct_uses: set[str] = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and node.target in calls:
+            calls[node.target].append(node)
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            if owner in layers:
+                direct_uses.add(owner)
+
+    def problem(name: str) -> str | None:
+        if name in direct_uses:
+            return f"the parameters of {name!r} are used outside its forward"
+        if len(calls.get(name, [])) != 1:
+            return f"{name!r} runs {len(calls.get(name, []))} times per forward pass"
+        return None
+
+    for name in names:
+        reason = problem(name)
+        if reason is not None:
+            report.unlinked[name] = reason
+            continue
+        producer = calls[name][0]
+        if not _reaches_weight_layer(producer, calls):
+            report.final.add(name)
+            continue
+        outcome = _follow(producer, layers[name], layers, calls, modules)
+        if isinstance(outcome, str):
+            report.unlinked[name] = outcome
+            continue
+        consumer_problem = problem(outcome.consumer)
+        if consumer_problem is not None:
+            report.unlinked[name] = f"its consumer is not usable: {consumer_problem}"
+            continue
+        report.links[name] = outcome
+    return report
+
+
+def _reaches_weight_layer(start: torch.fx.Node, calls: dict[str, list[torch.fx.Node]]) -> bool:
+    weight_nodes = {node for nodes in calls.values() for node in nodes}
+    seen, stack = set(), list(start.users)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in weight_nodes:
+            return True
+        stack.extend(node.users)
+    return False
+
+
+def _follow(
+    producer: torch.fx.Node,
+    producer_layer: nn.Module,
+    layers: dict[str, nn.Module],
+    calls: dict[str, list[torch.fx.Node]],
+    modules: dict[str, nn.Module],
+) -> UnitLink | str:
+    """Walk from the producer's output to the consumer; a link, or the reason there is none."""
+    shape = _shape(producer)
+    if shape is None or len(shape) < 2:
+        return "its output shape is unknown"
+    unit_dim = len(shape) - 1 if is_linear(producer_layer) else 1
+    units, block = shape[unit_dim], 1
+    node = producer
+    while True:
+        users = [user for user in node.users if not _is_metadata_use(user)]
+        if len(users) != 1:
+            return f"its output feeds {len(users)} operations (not a single chain)"
+        user = users[0]
+        if not user.args or user.args[0] is not node:
+            return f"its output is not the main input of {_describe(user, modules)}"
+        in_shape, out_shape = _shape(node), _shape(user)
+        if in_shape is None:
+            return f"the input shape of {_describe(user, modules)} is unknown"
+        if user.op == "call_module" and user.target in layers:
+            consumer = layers[user.target]
+            if _other_nodes(user, node):
+                return f"{user.target} takes other inputs too"
+            if is_linear(consumer):
+                if unit_dim == len(in_shape) - 1 and units * block == consumer.in_features:
+                    return UnitLink(str(user.target), block)
+            elif is_conv(consumer):
+                if unit_dim == 1 and block == 1 and units == consumer.in_channels:
+                    return UnitLink(str(user.target), 1)
+            return f"the units do not map onto the inputs of {_describe(user, modules)}"
+        if out_shape is None:
+            return f"{_describe(user, modules)} does not return a tensor"
+        kind = _kind(user, modules)
+        if kind is None:
+            return f"{_describe(user, modules)} may mix units"
+        if kind != "flatten" and _other_nodes(user, node):
+            return f"{_describe(user, modules)} takes other tensors"
+        if kind == "elementwise" or (kind == "flatten" and out_shape == in_shape):
+            if out_shape != in_shape:
+                return f"{_describe(user, modules)} changes the shape"
+        elif kind == "channel":
+            if not (unit_dim == 1 and block == 1 and len(out_shape) == len(in_shape) and out_shape[:2] == in_shape[:2]):
+                return f"{_describe(user, modules)} is not per-unit here"
+        else:  # flatten
+            if not (unit_dim == 1 and block == 1 and len(in_shape) >= 3 and out_shape == (in_shape[0], math.prod(in_shape[1:]))):
+                return f"{_describe(user, modules)} is not a flatten of (N, C, ...) to (N, C*...)"
+            block = math.prod(in_shape[2:])
+        node = user
+
+
+def _kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, nn.Flatten):
+            return "flatten"
+        if isinstance(module, _CHANNEL_MODULES):
+            return "channel"
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return "elementwise"
+        return None
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            return "flatten"
+        if node.target in _CHANNEL_FUNCTIONS:
+            return "channel"
+        if node.target in _ELEMENTWISE_FUNCTIONS:
+            return "elementwise"
+        return None
+    if node.op == "call_method":
+        if node.target in _FLATTEN_METHODS:
+            return "flatten"
+        if node.target in _ELEMENTWISE_METHODS:
+            return "elementwise"
+    return None
+
+
+# ---------------------------------------------------------------------- unit-level mask ops
+def _input_layout(layer: nn.Module) -> tuple[int, int, int]:
+    """(groups, outputs per group, inputs per group) of a layer's weight."""
+    groups = layer.groups if is_conv(layer) else 1
+    return groups, layer.weight.shape[0] // groups, layer.weight.shape[1]
+
+
+def input_unit_connected(layer: nn.Module, connections: torch.Tensor) -> torch.Tensor:
+    """Per input unit of ``layer`` (feature or channel): does any nonzero entry of ``connections``
+    (a 0/1 tensor of the weight's shape) read it? Bool, shape ``(in_features or in_channels,)``."""
+    groups, out_per_group, in_per_group = _input_layout(layer)
+    view = connections.reshape(groups, out_per_group, in_per_group, -1) != 0
+    return view.any(dim=3).any(dim=1).reshape(groups * in_per_group)
+
+
+def mask_input_units(layer: nn.Module, mask: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
+    """``mask`` (weight-shaped) with every weight reading a removed input unit set to 0."""
+    groups, out_per_group, in_per_group = _input_layout(layer)
+    keep = (~remove).reshape(groups, 1, in_per_group, 1).to(mask.dtype)
+    return (mask.reshape(groups, out_per_group, in_per_group, -1) * keep).reshape(mask.shape)
+
+
+def _unit_view(flags: torch.Tensor, units: int) -> torch.Tensor:
+    return flags.reshape(units, -1)
+
+
+# ---------------------------------------------------------------------------- one pruning step
+@dataclass
+class NNReliefResult:
+    """What :func:`nnrelief_masks` computed.
+
+    Attributes:
+        masks: parameter name (``"<layer>.weight"``, ``"<layer>.bias"``) -> new 0/1 mask.
+        order: the selected layers in the order they were pruned (forward order).
+        dead_units: per layer, units removed because their output was zero on the pruning set.
+        swept_units: per layer, units removed by the backward sweep (no outgoing connection left).
+        removed_units: per layer, units now fully removed (no incoming weight and no bias).
+        unlinked: selected non-output layers left out of dead-unit removal, with the reason.
+        samples: size of the pruning set.
+    """
+
+    masks: dict[str, torch.Tensor]
+    order: list[str]
+    dead_units: dict[str, int]
+    swept_units: dict[str, int]
+    removed_units: dict[str, int]
+    unlinked: dict[str, str]
+    samples: int
+
+
+def _layer_masks(layer: nn.Module, name: str, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = layer.weight
+    weight_mask = masks.get(f"{name}.weight")
+    weight_mask = torch.ones_like(weight) if weight_mask is None else weight_mask.to(weight.device, weight.dtype).clone()
+    bias_mask = None
+    if getattr(layer, "bias", None) is not None:
+        bias_mask = masks.get(f"{name}.bias")
+        bias_mask = torch.ones_like(layer.bias) if bias_mask is None else bias_mask.to(layer.bias.device, layer.bias.dtype).clone()
+    return weight_mask, bias_mask
+
+
+def _removed(weight_mask: torch.Tensor, bias_mask: torch.Tensor | None) -> torch.Tensor:
+    gone = weight_mask.reshape(weight_mask.shape[0], -1).sum(dim=1) == 0
+    return gone if bias_mask is None else gone & (bias_mask == 0)
+
+
+def nnrelief_masks(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Sequence[Batch],
+    alpha_fc: float = 0.95,
+    alpha_conv: float = 0.9,
+    masks: dict[str, torch.Tensor] | None = None,
+    remove_dead_units: bool = True,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> NNReliefResult:
+    """One NNrelief pruning step on ``layers`` (name -> module of ``model``): new weight and bias masks.
+
+    ``masks`` holds the current masks (parameter name -> 0/1); what they remove stays removed.
+    The model's weights are masked temporarily while the layers are pruned one after another and
+    restored before returning: nothing of ``model`` changes.
+    """
+    if not batches:
+        raise ValueError("NNrelief needs a pruning set: got no batches")
+    for name, layer in layers.items():
+        check_supported(name, layer)
+    masks = masks or {}
+    order, calls = _forward_order(model, layers, batches[0][0])
+    working: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {name: _layer_masks(layers[name], name, masks) for name in order}
+    snapshot = {name: (layers[name].weight.detach().clone(), None if working[name][1] is None else layers[name].bias.detach().clone()) for name in order}
+
+    def apply(name: str) -> None:
+        weight_mask, bias_mask = working[name]
+        with torch.no_grad():
+            layers[name].weight.mul_(weight_mask)
+            if bias_mask is not None:
+                layers[name].bias.mul_(bias_mask)
+
+    dead_units = {name: 0 for name in order}
+    swept_units = {name: 0 for name in order}
+    unlinked: dict[str, str] = {}
+    try:
+        for name in order:
+            apply(name)  # the existing masks, before this layer's inputs are measured
+        for name in order:
+            layer = layers[name]
+            statistics = collect_statistics(model, {name: layer}, batches, kernel_norms=True, max_elements=max_elements, stop_early=calls[name] == 1)[name]
+            unit_scores, bias_scores = relief_scores(layer, statistics)
+            weight_mask, bias_mask = working[name]
+            candidates = unit_scores if bias_mask is None else torch.cat([unit_scores, bias_scores[:, None]], dim=1)
+            keep = cumulative_keep_mask(candidates, alpha_conv if is_conv(layer) else alpha_fc)
+            weight_mask = weight_mask * expand_unit_tensor(layer, keep[:, : unit_scores.shape[1]]).to(weight_mask)
+            if bias_mask is not None:
+                bias_mask = bias_mask * keep[:, -1].to(bias_mask)
+            working[name] = (weight_mask, bias_mask)
+            apply(name)
+        if remove_dead_units:
+            report = trace_unit_links(model, batches[0][0][:2], order)
+            unlinked = dict(report.unlinked)
+            links = {name: link for name, link in report.links.items() if name in working}
+            _remove_dead_units(model, layers, links, working, batches, dead_units, swept_units, order, max_elements)
+    finally:
+        with torch.no_grad():
+            for name, (weight, bias) in snapshot.items():
+                layers[name].weight.copy_(weight)
+                if bias is not None:
+                    layers[name].bias.copy_(bias)
+    new_masks: dict[str, torch.Tensor] = {}
+    removed_units = {}
+    for name in order:
+        weight_mask, bias_mask = working[name]
+        new_masks[f"{name}.weight"] = weight_mask
+        if bias_mask is not None:
+            new_masks[f"{name}.bias"] = bias_mask
+        removed_units[name] = int(_removed(weight_mask, bias_mask).sum())
+    samples = sum(int(batch[0].shape[0]) for batch in batches)
+    return NNReliefResult(new_masks, order, dead_units, swept_units, removed_units, unlinked, samples)
+
+
+def _forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor) -> tuple[list[str], dict[str, int]]:
+    """Selected layers in the order the forward pass first runs them, and how often each runs."""
+    calls = {name: 0 for name in layers}
+    order: list[str] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if calls[name] == 0:
+                order.append(name)
+            calls[name] += 1
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs[:2])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    missing = [name for name in layers if calls[name] == 0]
+    if missing:
+        raise ValueError(
+            f"layer(s) {', '.join(map(repr, missing))} never ran in the model's forward pass, so NNrelief "
+            "cannot score them: leave them out with skip=[...]"
+        )
+    return order, calls
+
+
+def _remove_dead_units(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    links: dict[str, UnitLink],
+    working: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    batches: Sequence[Batch],
+    dead_units: dict[str, int],
+    swept_units: dict[str, int],
+    order: list[str],
+    max_elements: int,
+) -> None:
+    if not links:
+        return
+    all_layers = weight_layers(model)
+    consumers = {link.consumer: all_layers[link.consumer] for link in links.values()}
+    activity = collect_statistics(model, consumers, batches, kernel_norms=False, max_elements=max_elements)
+
+    def remove_units(name: str, units: torch.Tensor) -> int:
+        """Mask the incoming weights and bias of ``units`` of layer ``name`` (and, when the consumer
+        is selected too, their outgoing connections); return how many were not removed yet."""
+        weight_mask, bias_mask = working[name]
+        before = _removed(weight_mask, bias_mask)
+        keep = (~units).to(weight_mask.dtype)
+        weight_mask = weight_mask * keep.reshape(-1, *([1] * (weight_mask.dim() - 1)))
+        bias_mask = None if bias_mask is None else bias_mask * keep
+        working[name] = (weight_mask, bias_mask)
+        link = links[name]
+        if link.consumer in working:
+            consumer_weight, consumer_bias = working[link.consumer]
+            inputs = units.repeat_interleave(link.block)
+            working[link.consumer] = (mask_input_units(consumers[link.consumer], consumer_weight, inputs), consumer_bias)
+        return int((units & ~before).sum())
+
+    # (1) zero activity: the consumer never sees anything from these units on the pruning set
+    for name, link in links.items():
+        units = layers[name].weight.shape[0]
+        seen = activity[link.consumer].input_activity.to(working[name][0].device)
+        dead = (_unit_view(seen, units) == 0).all(dim=1)
+        if dead.any():
+            dead_units[name] += remove_units(name, dead)
+    # (2) backward sweep: consumers before their producers, so removals cascade to the input
+    for name in reversed(order):
+        link = links.get(name)
+        if link is None:
+            continue
+        consumer = consumers[link.consumer]
+        connections = working[link.consumer][0] if link.consumer in working else (consumer.weight.detach() != 0)
+        connected = _unit_view(input_unit_connected(consumer, connections), layers[name].weight.shape[0]).any(dim=1)
+        if (~connected).any():
+            swept_units[name] += remove_units(name, ~connected)
+
+
+# ---------------------------------------------------------------------------------- strategy
+def _check_alpha(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class NNReliefPruning(Strategy):
+    """NNrelief (Dekhovich et al. 2021): iterative pruning where each neuron keeps the connections
+    that carry ``alpha`` of its input signal on a pruning set, then retraining.
+
+    By default it prunes after ``every`` epochs of training, ``iterations`` times (at epochs
+    ``every, 2*every, ..., iterations*every``): train at least ``(iterations + 1) * every`` epochs
+    so the last pruning step is retrained too. The paper uses 5 iterations for LeNets, 6 for
+    VGG-like networks and 10 for ResNet-20, and 1,000 training samples as the pruning set. There is
+    no sparsity target: ``alpha_fc`` / ``alpha_conv`` decide how much goes. Masks are monotone
+    (pruned weights never return) and stay exactly zero during training. Each step appends one
+    record to the edit log with ``achieved`` (fraction of the selected layers' original weights
+    now masked), ``per_layer`` weight sparsity, ``removed_units`` (units with no incoming weight and
+    no bias left, per layer), this step's ``dead_units`` and ``swept_units``, and
+    ``unlinked_layers`` (layers left out of the dead-unit removal, with why). See
+    :mod:`growprune.strategies.nnrelief` for the algorithm and its limits.
+
+    Args:
+        schedule: when to prune (its ``amount`` is not used). Default:
+            ``Constant(amount=0.0, start=every, end=every * iterations, every=every)``; when given,
+            ``iterations`` and ``every`` are ignored.
+        iterations: number of prune + retrain rounds of the default schedule (>= 1).
+        every: epochs of (re)training before each pruning step of the default schedule (>= 1).
+        alpha_fc: share of each linear neuron's input signal its kept connections carry, in (0, 1].
+        alpha_conv: the same for each conv filter (its units are input-channel kernels), in (0, 1].
+        pruning_samples: training samples in the pruning set (>= 1; fewer if the training set is
+            smaller), drawn from the training loader at each step.
+        layers: shell-style patterns of the linear/conv layers to prune (default: all of them).
+        skip: patterns of layers to leave dense (e.g. ``["features.0"]``).
+        remove_dead_units: remove units whose output is zero on the whole pruning set and, sweeping
+            back from the output, units with no outgoing connection left (not the output layer's).
+        name: metric prefix and edit-log key.
+        verbose: print a line after each pruning step.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        iterations: int = 5,
+        every: int = 5,
+        alpha_fc: float = 0.95,
+        alpha_conv: float = 0.9,
+        pruning_samples: int = 1000,
+        layers: list[str] | None = None,
+        skip: list[str] | None = None,
+        remove_dead_units: bool = True,
+        name: str | None = None,
+        verbose: bool = True,
+    ):
+        self.iterations = _check_positive_int("iterations", iterations)
+        self.every = _check_positive_int("every", every)
+        self.pruning_samples = _check_positive_int("pruning_samples", pruning_samples)
+        self.alpha_fc = _check_alpha("alpha_fc", alpha_fc)
+        self.alpha_conv = _check_alpha("alpha_conv", alpha_conv)
+        if schedule is None:
+            schedule = Constant(amount=0.0, start=every, end=every * iterations, every=every)
+        super().__init__(schedule, name=name, scoring_batches=0, verbose=verbose)
+        self.layers = list(layers) if layers is not None else None
+        self.skip = list(skip or [])
+        self.remove_dead_units = bool(remove_dead_units)
+        self.original_sizes: dict[str, int] = {}
+        self._warned_unlinked = False
+
+    def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        selected = select_layers(pl_module.model, self.layers, self.skip)
+        for name, layer in selected.items():
+            check_supported(name, layer)
+            # sizes at the first set-up are the originals; a resumed run keeps the stored ones
+            self.original_sizes.setdefault(name, layer.weight.numel())
+        end = self.schedule.end
+        if self.schedule.unit == "epoch" and end is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            times = self.schedule.times()
+            done = sum(1 for time in times if time < trainer.max_epochs)
+            if done < len(times):
+                rank_zero_warn(
+                    f"{self.name}: max_epochs={trainer.max_epochs} leaves time for {done} of the {len(times)} "
+                    f"NNrelief pruning steps (at epochs {times}); raise max_epochs to run them all"
+                )
+
+    def collect_pruning_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:
+        """The first ``pruning_samples`` samples of the training loader (the last batch cut to fit)."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            trainer.fit_loop.setup_data()
+            loader = trainer.train_dataloader
+        batches: list[Batch] = []
+        count = 0
+        for batch in loader:
+            inputs, targets = batch[0], batch[1]
+            take = min(int(inputs.shape[0]), self.pruning_samples - count)
+            batches.append((inputs[:take].to(pl_module.device), targets[:take].to(pl_module.device)))
+            count += take
+            if count >= self.pruning_samples:
+                break
+        if not batches:
+            raise ValueError(f"{self.name}: the training loader gave no samples for the pruning set")
+        return batches
+
+    def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
+        model = pl_module.model
+        layers = {name: model.get_submodule(name) for name in self.original_sizes}
+        batches = self.collect_pruning_set(trainer, pl_module)
+        current = {key: value for key, value in pl_module.masks.items()}
+        result = nnrelief_masks(
+            model, layers, batches, self.alpha_fc, self.alpha_conv, current, remove_dead_units=self.remove_dead_units
+        )
+        info = {
+            "dead_units": result.dead_units,
+            "swept_units": result.swept_units,
+            "removed_units": result.removed_units,
+            "unlinked_layers": result.unlinked,
+            "pruning_samples": result.samples,
+        }
+        # rank 0's pruning set decides for every rank: identical masks everywhere under DDP
+        shared = broadcast_from_rank_zero(trainer, {"masks": {k: v.cpu() for k, v in result.masks.items()}, "info": info})
+        masks = tensor_dict_to(shared["masks"], pl_module.device)
+        info = shared["info"]
+        for parameter_name, mask in masks.items():
+            pl_module.set_mask(parameter_name, mask)
+            mask_optimizer_state(trainer.optimizers, model.get_parameter(parameter_name), mask)
+        weight_masks = {name: masks[f"{name}.weight"] for name in layers}
+        total = sum(self.original_sizes.values())
+        pruned = sum(int((mask == 0).sum()) for mask in weight_masks.values())
+        record = {
+            "action": "nnrelief_prune",
+            "iteration": len(self.history) + 1,
+            "alpha_fc": self.alpha_fc,
+            "alpha_conv": self.alpha_conv,
+            "pruning_samples": info["pruning_samples"],
+            "achieved": (pruned + total - sum(mask.numel() for mask in weight_masks.values())) / total,
+            "per_layer": {name: sparsity(mask) for name, mask in weight_masks.items()},
+            "removed_units": info["removed_units"],
+            "removed_units_total": sum(info["removed_units"].values()),
+            "dead_units": info["dead_units"],
+            "swept_units": info["swept_units"],
+            "unlinked_layers": info["unlinked_layers"],
+        }
+        if self.remove_dead_units and info["unlinked_layers"] and not self._warned_unlinked:
+            self._warned_unlinked = True
+            reasons = "; ".join(f"{name}: {why}" for name, why in info["unlinked_layers"].items())
+            rank_zero_warn(
+                f"{self.name}: dead-unit removal skips layers whose consumer is not a plain chain ({reasons})"
+            )
+        if self.verbose:
+            layer_text = ", ".join(f"{name} {value:.3f}" for name, value in record["per_layer"].items())
+            rank_zero_info(
+                f"[{self.name}] iteration {record['iteration']}: sparsity {record['achieved']:.4f} "
+                f"({layer_text}); units removed {record['removed_units']}"
+            )
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["original_sizes"] = dict(self.original_sizes)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.original_sizes = dict(state_dict.get("original_sizes", self.original_sizes))
