@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from growprune.data import DigitsDataModule, GrowPruneDataModule, list_datamodules
 from growprune.loggers import WandbLogger
+from growprune.metrics import measure_latency
 from growprune.module import GrowPruneModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -38,7 +39,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 SUMMARY_KEYS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss_epoch")
-SIZE_KEYS = ("params/total", "params/nonzero", "flops/dense", "flops/effective", "compression")
+SIZE_KEYS = ("params/total", "params/nonzero", "flops/dense", "flops/effective", "compression", "latency/batch1_ms")
 
 
 class ConfigurationError(Exception):
@@ -125,6 +126,8 @@ def collect_summary(trainer: Any, module: GrowPruneModule, stage: str) -> dict[s
     summary: dict[str, Any] = {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
     if module.input_shape is not None:
         summary.update(module.size_metrics())
+        # CPU/GPU inference time of the network as it is now: the speed-up structural pruning buys
+        summary["latency/batch1_ms"] = 1e3 * measure_latency(module.model, module.input_shape, batch_size=1, repeats=20, warmup=3)
     summary["epochs"] = trainer.current_epoch
     summary["global_step"] = trainer.global_step
     if stage == "fit" and trainer.checkpoint_callback is not None:

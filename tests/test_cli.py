@@ -29,6 +29,7 @@ def test_fit_quickstart_writes_summary_and_checkpoint_that_validate_reloads(caps
     summary = json.loads(summary_path_from(output).read_text())
     for key in ("val/acc", "params/total", "params/nonzero", "flops/dense", "flops/effective", "compression"):
         assert key in summary, key
+    assert summary["latency/batch1_ms"] > 0
     assert summary["val/acc"] > 0.8
     assert summary["params/total"] == 50_610  # LeNet-300-100 on 8x8 digits
     checkpoint = Path(summary["checkpoint"])

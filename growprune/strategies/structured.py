@@ -1,0 +1,279 @@
+"""Structured (neuron/channel) pruning: remove whole units and channels, so the network really shrinks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from growprune.criteria.channels import ChannelCriterion, FilterNormCriterion
+from growprune.metrics import count_parameters, dense_flops, layer_flops
+from growprune.schedules import Schedule
+from growprune.strategies.base import Strategy, broadcast_from_rank_zero
+from growprune.strategies.unstructured import check_prune_amounts
+from growprune.surgery.channels import ChannelGraph, ChannelGroup
+from growprune.surgery.optimizer import repair_training
+
+TARGETS = ("channels", "params", "flops")
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class _Layer:
+    """Cost of one layer and the groups that own its output and input channels."""
+
+    flops: float
+    weight: int
+    other: int
+    out_root: str | None
+    in_root: str | None
+    depthwise: bool
+
+
+class StructuredPruning(Strategy):
+    """Remove the lowest-scoring channels/units of every prunable group, on a schedule.
+
+    The schedule's amount is the fraction of the ORIGINAL network to remove, measured in
+    ``target`` units: ``"channels"`` (prunable channels), ``"params"`` (all parameters) or
+    ``"flops"`` (dense FLOPs; 0.5 halves them). Global ranking (default) compares normalised scores
+    across groups and picks how many channels each loses so the target is met (within one
+    channel's cost; FLOPs are estimated exactly for convolutions and linear layers, then measured).
+
+    Args:
+        schedule: when to prune and how much (fractions in [0, 1)).
+        criterion: channel scores (default: L1 filter norm). Any ``ChannelCriterion``, yours too.
+        target: ``"channels"``, ``"params"`` or ``"flops"``.
+        scope: ``"global"`` (one ranking) or ``"layer"`` (every group loses the same fraction).
+        skip: names of layers whose channels must stay (the output layer always stays).
+        min_channels: channels every group keeps at least (never removes a whole layer).
+        round_to: keep channel counts at multiples of this (e.g. 8) so kernels run fast; ``None``: any.
+        scoring_batches: training batches for data-driven criteria (default 8 when needed).
+        name: metric prefix and edit-log key.
+        verbose: print a line after each pruning step.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        criterion: ChannelCriterion | None = None,
+        target: str = "channels",
+        scope: str = "global",
+        skip: list[str] | None = None,
+        min_channels: int = 1,
+        round_to: int | None = None,
+        scoring_batches: int | None = None,
+        name: str | None = None,
+        verbose: bool = True,
+    ):
+        criterion = criterion if criterion is not None else FilterNormCriterion(p=1)
+        if not isinstance(criterion, ChannelCriterion):
+            raise TypeError(f"criterion must be a ChannelCriterion, got {type(criterion).__name__}")
+        if scoring_batches is None:
+            scoring_batches = 8 if criterion.requires_data else 0
+        if criterion.requires_data and scoring_batches < 1:
+            raise ValueError(f"{type(criterion).__name__} needs training data: set scoring_batches >= 1")
+        super().__init__(schedule, name=name, scoring_batches=scoring_batches, verbose=verbose)
+        check_prune_amounts(schedule)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1 (a layer is never removed whole), got {min_channels}")
+        if round_to is not None and round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
+        self.criterion = criterion
+        self.target = target
+        self.scope = scope
+        self.skip = list(skip or [])
+        self.min_channels = min_channels
+        self.round_to = round_to
+        self.graph: ChannelGraph | None = None
+        self.original: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------- set-up
+    def _example(self, pl_module: Any) -> torch.Tensor:
+        if pl_module.input_shape is None:
+            raise ValueError(f"{self.name}: structured pruning needs the module's input_shape")
+        return torch.zeros(1, *pl_module.input_shape, device=pl_module.device)
+
+    def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.graph = ChannelGraph(pl_module.model, self._example(pl_module), self.skip)
+        groups = self.graph.groups()
+        if not groups:
+            raise ValueError(f"{self.name}: the model has no prunable channel group")
+        if not self.original:
+            self.original = {
+                "channels": {group.root: group.channels for group in groups},
+                "params": count_parameters(pl_module.model),
+                "flops": dense_flops(pl_module.model, pl_module.input_shape),
+            }
+        final = self.schedule.final_target
+        if self.scope == "layer" and self.target == "channels":
+            for group in groups:
+                if round((1 - final) * self.original["channels"][group.root]) < self.min_channels:
+                    raise ValueError(f"{self.name}: removing {final:.0%} of the channels of {group.root!r} would remove the whole layer")
+        reachable = self._achieved(pl_module, self._layers(pl_module), groups,
+                                   {g.root: g.channels - self._kept_count(self.min_channels, g.channels) for g in groups})
+        if final > reachable + 1e-9:
+            raise ValueError(
+                f"{self.name}: a {self.target} reduction of {final:.1%} is not reachable; keeping {self.min_channels} "
+                f"channel(s) per group (and skipped layers whole) removes at most {reachable:.1%}"
+            )
+
+    # ------------------------------------------------------------------------------ planning
+    def _kept_count(self, kept: int, channels: int) -> int:
+        kept = max(kept, self.min_channels)
+        if self.round_to:
+            kept = min(channels, math.ceil(kept / self.round_to) * self.round_to)
+        return min(kept, channels)
+
+    def _layers(self, pl_module: Any) -> dict[str, _Layer]:
+        """Per-layer costs now, keyed by layer name; ``""`` holds the totals (params, FLOPs)."""
+        assert self.graph is not None
+        per_layer = layer_flops(pl_module.model, pl_module.input_shape)
+        owners: dict[str, dict[str, str]] = {}
+        for group in self.graph.groups():
+            for layer, side in group.members:
+                owners.setdefault(layer, {})[side] = group.root
+        layers = {}
+        for name, module in pl_module.model.named_modules():
+            parameters = list(module.named_parameters(recurse=False))
+            if not parameters:
+                continue
+            weight = sum(p.numel() for key, p in parameters if key == "weight" and p.dim() >= 2)
+            other = sum(p.numel() for key, p in parameters) - weight
+            depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
+            layers[name] = _Layer(per_layer.get(name, 0.0), weight, other, owners.get(name, {}).get("out"),
+                                  owners.get(name, {}).get("in"), depthwise)
+        layers[""] = _Layer(float(per_layer[""]), count_parameters(pl_module.model), 0, None, None, False)
+        return layers
+
+    def _achieved(self, pl_module: Any, layers: dict[str, _Layer], groups: list[ChannelGroup], removed: dict[str, int]) -> float:
+        """Estimated fraction of the original network gone (in target units) after removing ``removed``."""
+        if self.target == "channels":
+            current = sum(group.channels for group in groups)
+            total = sum(self.original["channels"].values())
+            return (total - current + sum(removed.values())) / total
+        kept = {group.root: (group.channels - removed.get(group.root, 0)) / group.channels for group in groups}
+        params, flops = float(layers[""].weight), layers[""].flops
+        for name, layer in layers.items():
+            if not name:
+                continue
+            out_ratio = kept.get(layer.out_root, 1.0)
+            in_ratio = 1.0 if layer.depthwise else kept.get(layer.in_root, 1.0)
+            params -= layer.weight * (1 - out_ratio * in_ratio) + layer.other * (1 - out_ratio)
+            flops -= layer.flops * (1 - out_ratio * in_ratio)
+        if self.target == "params":
+            return 1 - params / self.original["params"]
+        return 1 - flops / self.original["flops"]
+
+    def plan(self, pl_module: Any, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], target: float) -> dict[str, list[int]]:
+        """Channel indices to remove from each group so that ``target`` is reached."""
+        layers = self._layers(pl_module) if self.target != "channels" else {}
+        order = {root: torch.argsort(score).tolist() for root, score in scores.items()}
+        caps = {g.root: g.channels - self._kept_count(self.min_channels, g.channels) for g in groups}
+        ranked_roots = [root for _, root in sorted((float(scores[g.root][i]), g.root) for g in groups for i in range(g.channels))]
+
+        def counts_global(k: int) -> dict[str, int]:
+            taken: dict[str, int] = {}
+            for root in ranked_roots[:k]:
+                taken[root] = taken.get(root, 0) + 1
+            return self._rounded(groups, taken, caps)
+
+        def counts_uniform(fraction: float) -> dict[str, int]:
+            return self._rounded(groups, {g.root: int(fraction * g.channels) for g in groups}, caps)
+
+        if self.scope == "layer" and self.target == "channels":
+            counts = {g.root: g.channels - self._kept_count(round((1 - target) * self.original["channels"][g.root]), g.channels)
+                      for g in groups}
+            counts = {root: max(0, count) for root, count in counts.items()}
+        else:
+            if self._achieved(pl_module, layers, groups, {}) >= target:
+                return {}
+            if self.scope == "global":
+                low, high, counts_of = 0, sum(g.channels for g in groups), counts_global
+            else:
+                low, high, counts_of = 0, 1000, lambda step: counts_uniform(step / 1000)
+            # smallest k whose removal reaches the target (the achieved fraction grows with k)
+            while low < high:
+                middle = (low + high) // 2
+                if self._achieved(pl_module, layers, groups, counts_of(middle)) >= target - 1e-12:
+                    high = middle
+                else:
+                    low = middle + 1
+            counts = counts_of(low)
+        return {root: sorted(order[root][:count]) for root, count in counts.items() if count > 0}
+
+    def _rounded(self, groups: list[ChannelGroup], taken: dict[str, int], caps: dict[str, int]) -> dict[str, int]:
+        counts = {}
+        for group in groups:
+            removed = min(taken.get(group.root, 0), caps[group.root])
+            counts[group.root] = group.channels - self._kept_count(group.channels - removed, group.channels)
+        return counts
+
+    # -------------------------------------------------------------------------------- action
+    def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
+        model = pl_module.model
+        if self.graph is None or not self.graph.is_current():
+            self.graph = ChannelGraph(model, self._example(pl_module), self.skip)
+        groups = self.graph.groups()
+        batches = self.collect_batches(trainer, pl_module) if self.criterion.requires_data else None
+        self.criterion.prepare(model, batches)
+        if self.criterion.requires_grad:
+            self._accumulate_gradients(model, batches or [])
+        scores = {group.root: self.criterion.score(self.graph, group) for group in groups}
+        if self.criterion.requires_grad:
+            model.zero_grad(set_to_none=True)
+        plan = broadcast_from_rank_zero(trainer, self.plan(pl_module, groups, scores, target))
+        history_start = len(self.graph.history())
+        changes = self.graph.remove(plan)
+        repair_training(trainer, pl_module, changes)
+        measured = {
+            "channels": sum(g.channels for g in self.graph.groups()),
+            "params": count_parameters(model),
+            "flops": dense_flops(model, pl_module.input_shape),
+        }
+        if self.target == "channels":
+            achieved = 1 - measured["channels"] / sum(self.original["channels"].values())
+        else:
+            achieved = 1 - measured[self.target] / self.original[self.target]
+        return {
+            "action": "prune_channels",
+            "criterion": repr(self.criterion),
+            "target_type": self.target,
+            "achieved": achieved,
+            "flops_reduction": self.original["flops"] / measured["flops"],
+            "params_reduction": self.original["params"] / measured["params"],
+            "removed": int(sum(len(indices) for indices in plan.values())),
+            "channels": {group.root: group.channels for group in self.graph.groups()},
+            "history": self.graph.history()[history_start:],
+        }
+
+    @staticmethod
+    def _accumulate_gradients(model: nn.Module, batches: list) -> None:
+        modes = {module: module.training for module in model.modules()}
+        try:
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                for inputs, targets in batches:
+                    F.cross_entropy(model(inputs), targets).backward()
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    # ---------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["original"] = self.original
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.original = state_dict.get("original", self.original)
