@@ -147,6 +147,17 @@ class Strategy(Callback):
             self.schedule.end = int(state_dict["schedule_end"])
 
 
+def scoring_batches_for(criterion: Any, scoring_batches: int | None, default: int = 8) -> int:
+    """How many training batches to collect for ``criterion``: ``default`` when it needs data and
+    none was given; an explicit 0 for a data-driven criterion is an error."""
+    needs_data = bool(getattr(criterion, "requires_data", False))
+    if scoring_batches is None:
+        return default if needs_data else 0
+    if needs_data and scoring_batches < 1:
+        raise ValueError(f"{type(criterion).__name__} needs training data: set scoring_batches >= 1")
+    return scoring_batches
+
+
 def broadcast_from_rank_zero(trainer: pl.Trainer, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (data-driven scores differ between ranks' batches)."""
     if trainer.world_size <= 1:

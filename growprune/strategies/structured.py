@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from growprune.criteria.channels import ChannelCriterion, FilterNormCriterion
 from growprune.metrics import count_parameters, dense_flops, layer_flops
 from growprune.schedules import Schedule
-from growprune.strategies.base import Strategy, broadcast_from_rank_zero
+from growprune.strategies.base import Strategy, broadcast_from_rank_zero, scoring_batches_for
 from growprune.strategies.unstructured import check_prune_amounts
 from growprune.surgery.channels import ChannelGraph, ChannelGroup
 from growprune.surgery.optimizer import repair_training
@@ -73,11 +73,7 @@ class StructuredPruning(Strategy):
         criterion = criterion if criterion is not None else FilterNormCriterion(p=1)
         if not isinstance(criterion, ChannelCriterion):
             raise TypeError(f"criterion must be a ChannelCriterion, got {type(criterion).__name__}")
-        if scoring_batches is None:
-            scoring_batches = 8 if criterion.requires_data else 0
-        if criterion.requires_data and scoring_batches < 1:
-            raise ValueError(f"{type(criterion).__name__} needs training data: set scoring_batches >= 1")
-        super().__init__(schedule, name=name, scoring_batches=scoring_batches, verbose=verbose)
+        super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose)
         check_prune_amounts(schedule)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

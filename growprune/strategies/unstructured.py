@@ -10,7 +10,7 @@ import torch
 from growprune.criteria.base import WeightCriterion
 from growprune.criteria.weights import MagnitudeCriterion
 from growprune.schedules import Schedule
-from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
+from growprune.strategies.base import Strategy, broadcast_from_rank_zero, scoring_batches_for, tensor_dict_to
 from growprune.surgery.masks import SCOPES, keep_masks, select_layers, sparsity
 from growprune.surgery.optimizer import mask_optimizer_state, reset_optimizer_state
 
@@ -62,11 +62,7 @@ class UnstructuredPruning(Strategy):
         criterion = criterion if criterion is not None else MagnitudeCriterion()
         if not isinstance(criterion, WeightCriterion):
             raise TypeError(f"criterion must be a WeightCriterion, got {type(criterion).__name__}")
-        if scoring_batches is None:
-            scoring_batches = 8 if criterion.requires_data else 0
-        if criterion.requires_data and scoring_batches < 1:
-            raise ValueError(f"{type(criterion).__name__} needs training data: set scoring_batches >= 1")
-        super().__init__(schedule, name=name, scoring_batches=scoring_batches, verbose=verbose)
+        super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose)
         check_prune_amounts(schedule)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
