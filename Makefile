@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python -m benchmarks.throughput
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Compression vs accuracy of unstructured pruning on LeNet-300-100, real MNIST digits.
 
-    python benchmarks/compression_lenet.py [--seeds 0 1 2] [--targets 0.9 0.95 0.98 0.99] [--epochs 50]
+    python -m benchmarks.compression_lenet [--seeds 0 1 2] [--targets 0.9 0.95 0.98 0.99] [--epochs 50]
 
 Data: the 10,000 MNIST digits of ../shared/data/mnist-t10k, split 8,000 train / 2,000 validation
 with seed 0 (the split is fixed; the seed varies the initialisation, shuffling and random criteria).
@@ -137,7 +137,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["dense", "random", "magnitude-layer", "magnitude-global", "nnrelief"])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "compression_lenet.csv")
+    parser.add_argument("--summarise", type=Path, nargs="+", help="only print the table of these CSV files")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 lets two runs share 2 cores)")
     args = parser.parse_args()
+    if args.summarise:
+        rows = [row for path in args.summarise for row in csv.DictReader(path.open())]
+        print("\n".join(summarise(rows)))
+        return
+    torch.set_num_threads(args.threads)
     if not MNIST.is_dir():
         raise SystemExit(f"the MNIST idx files are missing: expected them in {MNIST}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Cost of keeping 90 % of the weights masked during training, vs the dense model and vs Lightning's
 ``ModelPruning`` (``torch.nn.utils.prune`` forward hooks), measured side by side in one run.
 
-    python benchmarks/masking_overhead.py [--epochs 8] [--repeats 5]
+    python -m benchmarks.masking_overhead [--epochs 8] [--repeats 5]
 
 Models: LeNet-300-100 and LeNet-5 on MNIST-shaped inputs (1x28x28, batch 128; random tensors:
 step time does not depend on the pixel values). Every variant prunes (or not) at the start of

@@ -1,6 +1,6 @@
 """Training throughput of LeNet-300-100 on the digits data: plain PyTorch vs plain Lightning vs growprune.
 
-    python benchmarks/throughput.py [--epochs 12] [--repeats 7]
+    python -m benchmarks.throughput [--epochs 12] [--repeats 7]
 
 Each variant trains the same model (same init, same batches, SGD with momentum) for ``epochs``
 epochs; the first epoch is warm-up, the rest are timed. Variants run interleaved, ``repeats``

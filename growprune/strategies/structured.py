@@ -192,6 +192,9 @@ class StructuredPruning(Strategy):
         else:
             if self._achieved(pl_module, layers, groups, {}) >= target:
                 return {}
+            if self.scope == "global" and self.round_to and self.round_to > 1:
+                counts = self._take_blocks(pl_module, layers, groups, scores, caps, target)
+                return {root: sorted(order[root][:count]) for root, count in counts.items() if count > 0}
             if self.scope == "global":
                 low, high, counts_of = 0, sum(g.channels for g in groups), counts_global
             else:
@@ -205,6 +208,53 @@ class StructuredPruning(Strategy):
                     low = middle + 1
             counts = counts_of(low)
         return {root: sorted(order[root][:count]) for root, count in counts.items() if count > 0}
+
+    def _take_blocks(self, pl_module: Any, layers: dict[str, _Layer], groups: list[ChannelGroup],
+                     scores: dict[str, torch.Tensor], caps: dict[str, int], target: float) -> dict[str, int]:
+        """Global ranking when channel counts must stay multiples of ``round_to``.
+
+        Each group can only lose blocks (down to the next multiple, then ``round_to`` at a time),
+        lowest-scored channels first. Blocks are taken in order of mean score; one that would
+        overshoot the target by more than a percentage point is skipped (with the rest of its
+        group), so a coarse block (half of a 16-channel group) does not blow past the target.
+        """
+        blocks: list[tuple[float, str, int]] = []
+        for group in groups:
+            ordered = torch.sort(scores[group.root]).values
+            kept = group.channels
+            floor = self._kept_count(group.channels - caps[group.root], group.channels)
+            mean_so_far = -math.inf
+            while True:
+                step = kept % self.round_to or self.round_to
+                if kept - step < floor:
+                    break
+                removed = group.channels - kept
+                mean_so_far = max(mean_so_far, float(ordered[removed:removed + step].mean()))
+                blocks.append((mean_so_far, group.root, step))
+                kept -= step
+        blocks.sort(key=lambda block: block[0])
+        counts = {group.root: 0 for group in groups}
+        blocked: set[str] = set()
+        achieved = self._achieved(pl_module, layers, groups, counts)
+        for _, root, step in blocks:
+            if achieved >= target - 1e-12:
+                break
+            if root in blocked:
+                continue
+            trial = {**counts, root: counts[root] + step}
+            trial_achieved = self._achieved(pl_module, layers, groups, trial)
+            if trial_achieved > target + 0.01:
+                blocked.add(root)
+                continue
+            counts, achieved = trial, trial_achieved
+        if achieved < target - 1e-12:
+            # nothing fits within the slack: take blocks in order until the target is reached
+            counts = {group.root: 0 for group in groups}
+            for _, root, step in blocks:
+                counts[root] += step
+                if self._achieved(pl_module, layers, groups, counts) >= target - 1e-12:
+                    break
+        return counts
 
     def _rounded(self, groups: list[ChannelGroup], taken: dict[str, int], caps: dict[str, int]) -> dict[str, int]:
         counts = {}

@@ -99,12 +99,14 @@ class ChannelGraph:
         self._handlers = {self.graph._module2name[group.items[0][0].target.module]: group.items[0][0].handler
                           for group in self._raw_groups(self.graph, model)}
         self._modules = self._module_identity()
+        self._groups: list[ChannelGroup] | None = None
 
-    def _module_identity(self) -> dict[str, int]:
-        return {name: id(module) for name, module in self.model.named_modules()}
+    def _module_identity(self) -> dict[str, tuple]:
+        return {name: (id(module), tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
+                for name, module in self.model.named_modules()}
 
     def is_current(self) -> bool:
-        """Whether the model still has the layer objects the graph was built on (else rebuild)."""
+        """Whether the model is as this graph last saw it: same layer objects and shapes (else rebuild)."""
         return self._module_identity() == self._modules
 
     def _build(self, model: nn.Module) -> tp.DependencyGraph:
@@ -158,7 +160,12 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------------------ discovery
     def groups(self) -> list[ChannelGroup]:
-        """Every channel group of the model (one entry per group, root layer first)."""
+        """Every prunable channel group of the model (cached until the next :meth:`remove`)."""
+        if self._groups is None:
+            self._groups = self._list_groups()
+        return list(self._groups)
+
+    def _list_groups(self) -> list[ChannelGroup]:
         names = {module: name for name, module in self.model.named_modules()}
         result = []
         for group in self._raw_groups(self.graph, self.model):
@@ -177,10 +184,11 @@ class ChannelGraph:
 
     def tp_group(self, root: str) -> Any:
         """Torch-Pruning's group rooted at layer ``root`` with all channel indices (for scoring)."""
-        for group in self._raw_groups(self.graph, self.model):
-            if self.graph._module2name.get(group.items[0][0].target.module) == root:
-                return group
-        raise ValueError(f"no channel group is rooted at {root!r}")
+        if root not in self._handlers:
+            raise ValueError(f"no channel group is rooted at {root!r}")
+        module = self.model.get_submodule(root)
+        channels = next(group.channels for group in self.groups() if group.root == root)
+        return self.graph.get_pruning_group(module, self._handlers[root], list(range(channels)))
 
     # -------------------------------------------------------------------------------- surgery
     def remove(self, plan: dict[str, Sequence[int]]) -> dict[nn.Parameter, ParameterChange]:
@@ -224,6 +232,8 @@ class ChannelGraph:
                     first, earlier = origins.pop(id(old), (old, [None] * old.dim()))
                     composed = [k if e is None else (e if k is None else e[k]) for e, k in zip(earlier, kept)]
                     origins[id(new)] = (first, composed)
+        self._groups = None  # channel counts changed
+        self._modules = self._module_identity()
         changes = {}
         parameters = {id(p): p for p in self.model.parameters()}
         for new_id, (old, kept) in origins.items():
