@@ -166,6 +166,20 @@ def test_round_to_keeps_multiples_and_min_channels_and_skip(tmp_path):
         assert count % 8 == 0 and count >= 16, (root, count)
 
 
+def test_round_to_does_not_overshoot_flops_target_on_narrow_residual_groups():
+    # ResNet stages of 16 channels: a block of 8 is half a group; block-wise ranking must still
+    # land near the target instead of jumping far past it
+    module = conv_module("resnet20", shortcut="B")
+    dense = dense_flops(module.model, IMAGE)
+    strategy = StructuredPruning(OneShot(amount=0.5), target="flops", round_to=8)
+    strategy.check(None, module)
+    groups = strategy.graph.groups()
+    scores = {group.root: strategy.criterion.score(strategy.graph, group) for group in groups}
+    strategy.graph.remove(strategy.plan(module, groups, scores, 0.5))
+    assert dense_flops(module.model, IMAGE) / dense == pytest.approx(0.5, abs=0.015)
+    assert all(group.channels % 8 == 0 for group in strategy.graph.groups())
+
+
 def test_layer_scope_removes_same_fraction_everywhere(tmp_path):
     module = conv_module()
     strategy = StructuredPruning(OneShot(amount=0.25, at=1), target="channels", scope="layer")
