@@ -337,3 +337,16 @@ def test_resume_of_structurally_pruned_run_continues_schedule(tmp_path):
     assert resumed_module.edit_log[0]["history"] == module.edit_log[0]["history"]
     assert dense_flops(resumed_module.model, IMAGE) / dense_flops(create_model("vgg11_bn"), IMAGE) == pytest.approx(0.5, abs=0.015)
     assert all(resumed_module.model.state_dict()[k].shape[0] <= shapes[k][0] for k in shapes if shapes[k])
+
+
+def test_bn_scale_criterion_leaves_groups_without_batch_norm_whole(tmp_path):
+    # LeNet-5 has no batch norm: every group scores inf and nothing may be removed
+    module = GrowPruneModule("lenet5", num_classes=10, input_shape=(1, 16, 16))
+    graph = ChannelGraph(module.model, torch.zeros(1, 1, 16, 16))
+    group = graph.groups()[0]
+    assert torch.isinf(BNScaleCriterion().score(graph, group)).all()
+    strategy = StructuredPruning(OneShot(amount=0.3), criterion=BNScaleCriterion())
+    strategy.check(None, module)
+    groups = strategy.graph.groups()
+    scores = {g.root: strategy.criterion.score(strategy.graph, g) for g in groups}
+    assert strategy.plan(module, groups, scores, 0.3) == {}

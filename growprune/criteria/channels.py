@@ -7,6 +7,7 @@ groups compares like with like. Subclass :class:`ChannelCriterion` and implement
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -40,7 +41,7 @@ class ChannelCriterion:
         scores = self.raw_scores(graph, group).detach().float().flatten()
         if scores.numel() != group.channels:
             raise ValueError(f"{type(self).__name__} gave {scores.numel()} scores for {group.channels} channels of {group.root!r}")
-        if self.normalize:
+        if self.normalize and torch.isfinite(scores).all():
             scores = scores / scores.abs().mean().clamp_min(1e-12)
         return scores
 
@@ -64,7 +65,11 @@ class FilterNormCriterion(ChannelCriterion):
 
 
 class BNScaleCriterion(ChannelCriterion):
-    """|gamma| of the batch-norm layers in the group (network slimming, Liu et al. 2017)."""
+    """|gamma| of the batch-norm layers in the group (network slimming, Liu et al. 2017).
+
+    Groups without a batch-norm layer (e.g. hidden linear layers) get infinite scores: the
+    strategy leaves them whole rather than guess a comparable score.
+    """
 
     def __init__(self, normalize: bool = False):
         super().__init__(normalize)
@@ -73,7 +78,7 @@ class BNScaleCriterion(ChannelCriterion):
     def raw_scores(self, graph: Any, group: Any) -> torch.Tensor:
         scores = self._importance(graph.tp_group(group.root))
         if scores is None:
-            raise ValueError(f"group {group.root!r} has no batch-norm layer to score by its scale")
+            return torch.full((group.channels,), math.inf)
         return scores
 
 
