@@ -17,9 +17,10 @@ from tests.helpers import tiny_data, tiny_trainer
 WEIGHTS = ("1.weight", "3.weight", "5.weight")
 
 
-def lenet(optimizer=None):
+def lenet(optimizer=None, mask_gradients=False):
     optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
-    return GrowPruneModule("lenet_300_100", num_classes=4, input_shape=(1, 8, 8), optimizer=optimizer)
+    return GrowPruneModule("lenet_300_100", num_classes=4, input_shape=(1, 8, 8), optimizer=optimizer,
+                           mask_gradients=mask_gradients)
 
 
 def weight_sparsity(module, name):
@@ -36,8 +37,9 @@ def weight_sparsity(module, name):
     ],
     ids=["sgd-momentum-wd", "adam-wd", "adamw"],
 )
-def test_pruned_weights_stay_exactly_zero_for_50_steps(tmp_path, optimizer):
-    module = lenet(optimizer)
+@pytest.mark.parametrize("mask_gradients", [False, True], ids=["weights-only", "gradients-too"])
+def test_pruned_weights_stay_exactly_zero_for_50_steps(tmp_path, optimizer, mask_gradients):
+    module = lenet(optimizer, mask_gradients)
     strategy = UnstructuredPruning(OneShot(amount=0.8, at=1), scope="global")
     # 5 batches per epoch x 12 epochs = 60 steps, 55 of them after pruning
     trainer = tiny_trainer(tmp_path, max_epochs=12, callbacks=[strategy])
@@ -51,7 +53,9 @@ def test_pruned_weights_stay_exactly_zero_for_50_steps(tmp_path, optimizer):
         assert torch.count_nonzero(weight[mask == 1]) == int(mask.sum())
     total_pruned = sum(int((module.masks[n] == 0).sum()) for n in WEIGHTS)
     assert total_pruned / sum(module.masks[n].numel() for n in WEIGHTS) == pytest.approx(0.8, abs=1e-4)
-    # momentum / Adam moments of pruned weights were zeroed when pruning
+    if not mask_gradients:
+        return
+    # with gradient masking, momentum / Adam moments of pruned weights stay zero throughout
     for name in WEIGHTS:
         state = trainer.optimizers[0].state[module.model.get_parameter(name)]
         for value in state.values():
