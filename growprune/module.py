@@ -80,6 +80,8 @@ class GrowPruneModule(pl.LightningModule):
         self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
         if self.input_shape is not None:
             self._check_shapes(num_classes)
+            # lets Lightning's model summary show input/output sizes and FLOPs
+            self.example_input_array = torch.zeros(1, *self.input_shape)
 
     # ----------------------------------------------------------------------------------- set-up
     @property

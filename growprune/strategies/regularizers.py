@@ -219,7 +219,7 @@ class _BNRegularisedPruning(StructuredPruning):
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """The penalty added to the training loss (``check`` must have run)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement penalty()")
 
     def group_scales(self, pl_module: Any) -> dict[str, torch.Tensor]:
         """Per regularised group (by root layer): each channel's mean |gamma| over the group's BN layers."""
