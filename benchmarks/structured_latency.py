@@ -8,6 +8,8 @@ outside a Trainer (``check`` -> score every group -> ``plan`` -> ``ChannelGraph.
 
 * ``global L1``: global ranking of normalised L1 filter norms (the default a user would pick);
 * ``global L1, round_to=8``: the same with channel counts kept at multiples of 8;
+* ``global L1 / latency cost, max 60 %``: global ranking of L1 scores divided by each channel's
+  share of the measured batch-1 layer time, no group losing more than 60 % of its channels;
 * ``uniform (scope=layer)``: every group loses the same fraction (Torch-Pruning-style reference);
 * ``uniform 30 % channels``: ``scope="layer", target="channels", amount=0.3``, the setting of the
   Torch-Pruning anchor (CIFAR VGG-16-BN: 2.06x fewer FLOPs, 1.85x / 2.25x lower latency at batch
@@ -49,6 +51,7 @@ VARIANTS = {
     "dense": None,
     "global L1": dict(amount=0.5, target="flops"),
     "global L1, round_to=8": dict(amount=0.5, target="flops", round_to=8),
+    "global L1 / latency cost, max 60 %": dict(amount=0.5, target="flops", cost="latency", max_fraction=0.6),
     "uniform (scope=layer)": dict(amount=0.5, target="flops", scope="layer"),
     "uniform 30 % channels": dict(amount=0.3, target="channels", scope="layer"),
 }

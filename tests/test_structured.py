@@ -350,3 +350,33 @@ def test_bn_scale_criterion_leaves_groups_without_batch_norm_whole(tmp_path):
     groups = strategy.graph.groups()
     scores = {g.root: strategy.criterion.score(strategy.graph, g) for g in groups}
     assert strategy.plan(module, groups, scores, 0.3) == {}
+
+
+def test_latency_cost_ranking_respects_max_fraction_and_meets_flops_target():
+    module = conv_module()
+    dense = dense_flops(module.model, IMAGE)
+    strategy = StructuredPruning(OneShot(amount=0.5), target="flops", cost="latency", max_fraction=0.6)
+    strategy.check(None, module)
+    groups = strategy.graph.groups()
+    scores = {group.root: strategy.criterion.score(strategy.graph, group) for group in groups}
+    strategy.graph.remove(strategy.plan(module, groups, scores, 0.5))
+    assert dense_flops(module.model, IMAGE) / dense == pytest.approx(0.5, abs=0.015)
+    for group in strategy.graph.groups():
+        assert group.channels >= 0.4 * strategy.original["channels"][group.root], group.root
+
+
+def test_cost_ranking_prunes_costly_groups_first():
+    module = conv_module()
+    strategy = StructuredPruning(OneShot(amount=0.2), target="channels", cost="params")
+    strategy.check(None, module)
+    groups = strategy.graph.groups()
+    equal = {group.root: torch.ones(group.channels) for group in groups}  # equal importance everywhere
+    plan = strategy.plan(module, groups, equal, 0.2)
+    # with equal scores, the channels with the most parameters each (the 512-wide convs) go first
+    assert set(plan) <= {"features.15", "features.18", "features.22", "features.25"}
+
+
+@pytest.mark.parametrize(("options", "message"), [({"cost": "speed"}, "cost"), ({"max_fraction": 0.0}, "max_fraction")])
+def test_bad_cost_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredPruning(OneShot(amount=0.5), **options)

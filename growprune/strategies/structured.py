@@ -23,6 +23,7 @@ from growprune.surgery.optimizer import repair_training
 
 TARGETS = ("channels", "params", "flops")
 SCOPES = ("global", "layer")
+COSTS = (None, "latency", "flops", "params")
 
 
 @dataclass
@@ -56,6 +57,13 @@ class StructuredPruning(Strategy):
         min_channels: channels every group keeps at least (never removes a whole layer).
         round_to: keep channel counts at multiples of this (e.g. 8) so kernels run fast; ``None``: any.
         scoring_batches: training batches for data-driven criteria (default 8 when needed).
+        cost: global ranking by importance per cost: ``None`` (default) ranks by normalised score
+            alone; ``"latency"`` divides each group's scores by its channels' share of the measured
+            batch-1 forward time of its layers (so slow, weight-bound layers give up channels
+            first); ``"flops"`` / ``"params"`` use their share of FLOPs or parameters instead.
+            Combine with ``max_fraction``: alone, cost-aware ranking empties whole layers.
+        max_fraction: the largest fraction of a group's ORIGINAL channels global ranking may remove
+            (per-layer ceiling, like Torch-Pruning's ``max_pruning_ratio``); 1.0: no ceiling.
         name: metric prefix and edit-log key.
         verbose: print a line after each pruning step.
     """
@@ -70,10 +78,18 @@ class StructuredPruning(Strategy):
         min_channels: int = 1,
         round_to: int | None = None,
         scoring_batches: int | None = None,
+        cost: str | None = None,
+        max_fraction: float = 1.0,
         name: str | None = None,
         verbose: bool = True,
     ):
         criterion = criterion if criterion is not None else FilterNormCriterion(p=1)
+        if cost not in COSTS:
+            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+        if not 0.0 < max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must lie in (0, 1], got {max_fraction}")
+        self.cost = cost
+        self.max_fraction = max_fraction
         if not isinstance(criterion, ChannelCriterion):
             raise TypeError(f"criterion must be a ChannelCriterion, got {type(criterion).__name__}")
         super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose)
@@ -172,13 +188,60 @@ class StructuredPruning(Strategy):
             return 1 - params / self.original["params"]
         return 1 - flops / self.original["flops"]
 
+    def _layer_times(self, pl_module: Any, repeats: int = 7) -> dict[str, float]:
+        """Median batch-1 forward time of every layer with parameters (seconds), by forward hooks."""
+        import statistics
+        import time
+
+        samples: dict[str, list[float]] = {}
+        started: dict[str, float] = {}
+        hooks = []
+        for name, module in pl_module.model.named_modules():
+            if next(module.children(), None) is None and any(True for _ in module.parameters(recurse=False)):
+                hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: started.__setitem__(n, time.perf_counter())))
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, o, n=name: samples.setdefault(n, []).append(time.perf_counter() - started[n])))
+        modes = {module: module.training for module in pl_module.model.modules()}
+        try:
+            pl_module.model.eval()
+            with torch.no_grad():
+                for _ in range(repeats + 1):
+                    pl_module.model(self._example(pl_module))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, training in modes.items():
+                module.training = training
+        return {name: statistics.median(values[1:]) for name, values in samples.items()}
+
+    def _cost_per_channel(self, pl_module: Any, groups: list[ChannelGroup]) -> dict[str, float]:
+        """Relative cost of one channel of each group (mean 1 over all channels)."""
+        if self.cost == "latency":
+            per_layer = self._layer_times(pl_module)
+        else:
+            layers = self._layers(pl_module)
+            per_layer = {name: (layer.flops if self.cost == "flops" else layer.weight + layer.other)
+                         for name, layer in layers.items() if name}
+        costs = {g.root: sum(per_layer.get(layer, 0.0) for layer in g.layers) / g.channels for g in groups}
+        total_channels = sum(g.channels for g in groups)
+        mean = sum(costs[g.root] * g.channels for g in groups) / total_channels
+        return {root: max(cost / mean, 1e-6) if mean > 0 else 1.0 for root, cost in costs.items()}
+
     def plan(self, pl_module: Any, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], target: float) -> dict[str, list[int]]:
         """Channel indices to remove from each group so that ``target`` is reached."""
+        if self.cost is not None and self.scope == "global":
+            costs = self._cost_per_channel(pl_module, groups)
+            scores = {root: score / costs[root] for root, score in scores.items()}
         layers = self._layers(pl_module) if self.target != "channels" else {}
         order = {root: torch.argsort(score).tolist() for root, score in scores.items()}
         # a group whose criterion gives no finite score (e.g. no batch norm for BN scales) stays whole
         caps = {g.root: (g.channels - self._kept_count(self.min_channels, g.channels)) if torch.isfinite(scores[g.root]).any() else 0
                 for g in groups}
+        if self.max_fraction < 1.0:
+            for g in groups:
+                original = self.original["channels"].get(g.root, g.channels)
+                keep_at_least = math.ceil((1.0 - self.max_fraction) * original)
+                caps[g.root] = max(0, min(caps[g.root], g.channels - keep_at_least))
         ranked_roots = [root for _, root in sorted((float(scores[g.root][i]), g.root) for g in groups for i in range(g.channels))]
 
         def counts_global(k: int) -> dict[str, int]:
