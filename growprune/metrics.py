@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from growprune.modes import evaluating
+
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (each shared parameter counted once)."""
@@ -41,30 +43,12 @@ def _example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int
     return torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
 
 
-class _eval_mode:
-    """Run a forward pass in eval mode without gradients and restore each module's own mode."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = {module: module.training for module in self.model.modules()}
-        self.grad = torch.no_grad()
-        self.grad.__enter__()
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.grad.__exit__(*exc)
-        for module, training in self.modes.items():
-            module.training = training
-
-
 def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """FLOPs of one forward pass for one sample: ``{"": total, "<leaf module name>": flops, ...}``.
 
     Only leaf modules that performed counted operations appear besides the total (key ``""``).
     """
-    with _eval_mode(model), FlopCounterMode(display=False) as counter:
+    with evaluating(model), FlopCounterMode(display=False) as counter:
         model(_example_input(model, input_shape))
     result = {"": int(counter.get_total_flops())}
     leaf_names = {name for name, module in model.named_modules() if next(module.children(), None) is None}
@@ -116,7 +100,7 @@ def measure_latency(
     example = _example_input(model, input_shape, batch_size)
     synchronize = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     times = []
-    with _eval_mode(model):
+    with evaluating(model):
         for index in range(warmup + repeats):
             synchronize()
             start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from growprune.metrics import SizeMeter, count_parameters
+from growprune.modes import evaluating
 from growprune.models import create_model
 
 
@@ -124,17 +125,13 @@ class GrowPruneModule(pl.LightningModule):
         if not isinstance(name, str):
             name = type(self.model).__name__
         probe = torch.zeros(2, *self.input_shape)
-        modes = {module: module.training for module in self.model.modules()}
         try:
-            with torch.no_grad():
-                output = self.model.eval()(probe)
+            with evaluating(self.model):
+                output = self.model(probe)
         except RuntimeError as error:
             raise ValueError(
                 f"model {name!r} cannot take inputs of shape {self.input_shape} from the data: {error}"
             ) from error
-        finally:
-            for module, training in modes.items():
-                module.training = training
         if num_classes is not None and tuple(output.shape) != (2, num_classes):
             raise ValueError(
                 f"model {name!r} outputs shape {tuple(output.shape[1:])} per sample but the data has "

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from growprune.criteria.base import Batch
+from growprune.modes import evaluating
 
 
 class ChannelCriterion:
@@ -132,18 +133,14 @@ class ActivityCriterion(ChannelCriterion):
             sums[names[module]] = sums.get(names[module], 0) + value
 
         hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d))]
-        modes = {m: m.training for m in model.modules()}
         try:
-            model.eval()
-            with torch.no_grad():
+            with evaluating(model):
                 for inputs, _ in batches:
                     model(inputs)
                     count += inputs.shape[0]
         finally:
             for hook in hooks:
                 hook.remove()
-            for module, training in modes.items():
-                module.training = training
         self._activity = {name: value / count for name, value in sums.items()}
 
     def raw_scores(self, graph: Any, group: Any) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from growprune.criteria.base import Batch, WeightCriterion
+from growprune.modes import evaluating
 
 #: Default bound on the number of values one chunk of the conv score computation may hold
 #: (2**24 float32 values = 64 MiB).
@@ -204,21 +205,17 @@ def collect_statistics(
         check_supported(name, layer)
     accumulators = {name: _Accumulator(layer, kernel_norms, max_elements, stop_early) for name, layer in layers.items()}
     handles = [layer.register_forward_pre_hook(accumulators[name]) for name, layer in layers.items()]
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             for batch in batches:
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
                 try:
                     model(inputs)
                 except _StopForward:
-                    pass
+                    pass  # the accumulator has what it needs; the rest of the forward is skipped
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     missing = [name for name, accumulator in accumulators.items() if accumulator.calls == 0]
     if missing:
         raise ValueError(

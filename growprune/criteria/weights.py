@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from growprune.criteria.base import Batch, WeightCriterion
+from growprune.modes import evaluating
 
 
 class MagnitudeCriterion(WeightCriterion):
@@ -48,24 +49,14 @@ class GradientCriterion(WeightCriterion):
         if not batches:
             raise ValueError("GradientCriterion needs training batches to score weights, got none")
         weights = {name: layer.weight for name, layer in layers.items()}
-        saved_grads = {name: (w.grad.clone() if w.grad is not None else None) for name, w in weights.items()}
-        saved_flags = {name: w.requires_grad for name, w in weights.items()}
-        modes = {module: module.training for module in model.modules()}
         totals = {name: torch.zeros_like(w) for name, w in weights.items()}
-        try:
-            model.eval()
+        # autograd.grad leaves .grad alone; frozen weights are scored too, then frozen again
+        with evaluating(model, gradients=True):
             for weight in weights.values():
                 weight.requires_grad_(True)
-            with torch.enable_grad():
-                for inputs, targets in batches:
-                    gradients = torch.autograd.grad(F.cross_entropy(model(inputs), targets), list(weights.values()), allow_unused=True)
-                    for (name, weight), gradient in zip(weights.items(), gradients):
-                        if gradient is not None:
-                            totals[name] += (weight.detach() * gradient).abs()
-        finally:
-            for module, training in modes.items():
-                module.training = training
-            for name, weight in weights.items():
-                weight.requires_grad_(saved_flags[name])
-                weight.grad = saved_grads[name]
+            for inputs, targets in batches:
+                gradients = torch.autograd.grad(F.cross_entropy(model(inputs), targets), list(weights.values()), allow_unused=True)
+                for (name, weight), gradient in zip(weights.items(), gradients):
+                    if gradient is not None:
+                        totals[name] += (weight.detach() * gradient).abs()
         return totals

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from growprune.criteria.base import Batch
+from growprune.modes import evaluating
 from growprune.criteria.nnrelief import (
     DEFAULT_MAX_ELEMENTS,
     check_supported,
@@ -157,19 +158,14 @@ def trace_unit_links(model: nn.Module, example: torch.Tensor, names: Sequence[st
     layers = weight_layers(model)
     names = list(layers) if names is None else list(names)
     report = LinkReport()
-    modes = {module: module.training for module in model.modules()}
     try:
-        graph_module = torch.fx.GraphModule(model, _Tracer({id(m) for m in layers.values()}).trace(model))
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
+            graph_module = torch.fx.GraphModule(model, _Tracer({id(m) for m in layers.values()}).trace(model))
             ShapeProp(graph_module).propagate(example)
     except Exception as error:  # any model torch.fx cannot trace or run: no links, never a guess
         reason = f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         report.unlinked = {name: reason for name in names}
         return report
-    finally:
-        for module, training in modes.items():
-            module.training = training
     modules = dict(graph_module.named_modules())
     calls: dict[str, list[torch.fx.Node]] = {name: [] for name in layers}
     direct_uses: set[str] = set()
@@ -456,16 +452,12 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             model(inputs[:2])
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     missing = [name for name in layers if calls[name] == 0]
     if missing:
         raise ValueError(

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from growprune.criteria.channels import ChannelCriterion, FilterNormCriterion
 from growprune.metrics import count_parameters, dense_flops, layer_flops
+from growprune.modes import evaluating
 from growprune.schedules import Schedule
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, scoring_batches_for
 from growprune.strategies.unstructured import check_prune_amounts
@@ -201,25 +202,20 @@ class StructuredPruning(Strategy):
                 hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: started.__setitem__(n, time.perf_counter())))
                 hooks.append(module.register_forward_hook(
                     lambda m, i, o, n=name: samples.setdefault(n, []).append(time.perf_counter() - started[n])))
-        modes = {module: module.training for module in pl_module.model.modules()}
         try:
-            pl_module.model.eval()
-            with torch.no_grad():
+            with evaluating(pl_module.model):
                 for _ in range(repeats + 1):
                     pl_module.model(self._example(pl_module))
         finally:
             for hook in hooks:
                 hook.remove()
-            for module, training in modes.items():
-                module.training = training
         return {name: statistics.median(values[1:]) for name, values in samples.items()}
 
-    def _cost_per_channel(self, pl_module: Any, groups: list[ChannelGroup]) -> dict[str, float]:
+    def _cost_per_channel(self, pl_module: Any, groups: list[ChannelGroup], layers: dict[str, _Layer]) -> dict[str, float]:
         """Relative cost of one channel of each group (mean 1 over all channels)."""
         if self.cost == "latency":
             per_layer = self._layer_times(pl_module)
         else:
-            layers = self._layers(pl_module)
             per_layer = {name: (layer.flops if self.cost == "flops" else layer.weight + layer.other)
                          for name, layer in layers.items() if name}
         costs = {g.root: sum(per_layer.get(layer, 0.0) for layer in g.layers) / g.channels for g in groups}
@@ -229,10 +225,12 @@ class StructuredPruning(Strategy):
 
     def plan(self, pl_module: Any, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], target: float) -> dict[str, list[int]]:
         """Channel indices to remove from each group so that ``target`` is reached."""
-        if self.cost is not None and self.scope == "global":
-            costs = self._cost_per_channel(pl_module, groups)
+        cost_aware = self.cost is not None and self.scope == "global"
+        needs_layers = self.target != "channels" or (cost_aware and self.cost != "latency")
+        layers = self._layers(pl_module) if needs_layers else {}
+        if cost_aware:
+            costs = self._cost_per_channel(pl_module, groups, layers)
             scores = {root: score / costs[root] for root, score in scores.items()}
-        layers = self._layers(pl_module) if self.target != "channels" else {}
         order = {root: torch.argsort(score).tolist() for root, score in scores.items()}
         # a group whose criterion gives no finite score (e.g. no batch norm for BN scales) stays whole
         caps = {g.root: (g.channels - self._kept_count(self.min_channels, g.channels)) if torch.isfinite(scores[g.root]).any() else 0
@@ -376,16 +374,10 @@ class StructuredPruning(Strategy):
 
     @staticmethod
     def _accumulate_gradients(model: nn.Module, batches: list) -> None:
-        modes = {module: module.training for module in model.modules()}
-        try:
-            model.eval()
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                for inputs, targets in batches:
-                    F.cross_entropy(model(inputs), targets).backward()
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        model.zero_grad(set_to_none=True)
+        with evaluating(model, gradients=True):
+            for inputs, targets in batches:
+                F.cross_entropy(model(inputs), targets).backward()
 
     # ---------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

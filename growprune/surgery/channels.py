@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from growprune.surgery.optimizer import ParameterChange, preserved_modes
+from growprune.modes import preserved_modes
+from growprune.surgery.optimizer import ParameterChange
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -1,4 +1,4 @@
-"""Keep training whole after surgery: optimizer state, LR schedulers, modes, DDP.
+"""Keep training whole after surgery: optimizer state, LR schedulers, masks, DDP.
 
 After parameter objects change (structural pruning or growth), Lightning keeps stepping the old
 optimizer with no error while the new parameters never learn. :func:`repair_training` rebuilds
@@ -8,8 +8,11 @@ the optimizers through ``configure_optimizers`` and carries over what the old on
   zero-padded for a grown one;
 * each param group's hyper-parameters as they are now (the current learning rate, not the initial);
 * LR scheduler state (epoch counters, base LRs);
-* each module's train/eval mode and each parameter's ``requires_grad``;
+* unstructured masks of changed parameters (sliced like them);
 * under DDP, the wrapper is rebuilt around the changed model.
+
+Train/eval modes and ``requires_grad`` flags are the surgery's to keep: wrap the edit in
+:class:`growprune.modes.preserved_modes` (``ChannelGraph`` does).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+
 
 
 @dataclass
@@ -121,8 +125,8 @@ def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
 def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, ParameterChange] | None = None) -> None:
     """Rebuild optimizers and schedulers after parameter objects changed, keeping their state.
 
-    Call after the model was edited in place. Restores each module's mode and the
-    ``requires_grad`` flags as they were before the edit (surgery tools may change both).
+    Call after the model was edited in place; ``changes`` maps each new parameter to the old one
+    it replaces (with the kept indices), so optimizer state and masks follow it.
     """
     if changes:
         carry_masks(pl_module, changes)
@@ -151,24 +155,3 @@ def _rewrap_distributed(strategy: Any, pl_module: nn.Module) -> None:
     if isinstance(strategy, DDPStrategy) and strategy.model is not None and strategy.model is not pl_module:
         strategy.model = pl_module
         strategy.configure_ddp()
-
-
-class preserved_modes:
-    """Context manager: restore every module's train/eval mode and every parameter's
-    ``requires_grad`` (tools such as Torch-Pruning leave eval mode on and unfreeze parameters)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> "preserved_modes":
-        self.modes = {name: module.training for name, module in self.model.named_modules()}
-        self.flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, module in self.model.named_modules():
-            if name in self.modes:
-                module.training = self.modes[name]
-        for name, parameter in self.model.named_parameters():
-            if name in self.flags:
-                parameter.requires_grad_(self.flags[name])
