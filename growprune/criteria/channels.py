@@ -13,9 +13,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from lightning.pytorch.utilities import rank_zero_warn
 
 from growprune.criteria.base import Batch
 from growprune.modes import evaluating
+from growprune.surgery.units import UnitEnd, UnitGraph, UnitTraceError, is_unit_layer
 
 
 class ChannelCriterion:
@@ -110,40 +112,56 @@ class RandomChannelCriterion(ChannelCriterion):
 
 
 class ActivityCriterion(ChannelCriterion):
-    """Mean post-ReLU output of each channel of the group's root layer on training batches, times
-    whether the channel still has outgoing connections: NNrelief's structured rule scores units with
-    zero mean activity or no outgoing connection 0, so they go first."""
+    """NNrelief's structured rule: the mean absolute output of each channel of the group's root
+    layer on training batches, measured where the network sees it, times whether the channel still
+    has outgoing connections. Channels that are always 0 (dead) or feed nothing score 0 and go first.
+
+    "Where the network sees it" is the end of the root layer's unit-preserving chain
+    (:class:`~growprune.surgery.units.UnitEnd`): after its batch norm, activation, dropout and
+    pooling, that is the input of the layer that consumes it, or the last unit-preserving op before
+    a residual add or a concatenation. The raw layer output is the wrong tensor: batch norm can
+    make a channel always negative (0 after the ReLU) or flip an always-negative one positive.
+    Activity is mean ``|x|`` over samples and positions (after a ReLU, ``|x| = x``), over all calls
+    of a layer that runs more than once; every linear and conv layer (1-d, 2-d, 3-d) is measured.
+
+    Fallback: when ``torch.fx`` cannot trace the model, the root layer's output is passed through
+    the group's batch-norm layer(s) that run right after it and then a ReLU; a warning (once per
+    criterion) names the reason. Those forward passes run at the first :meth:`score` call of the
+    pruning step, when the groups are known.
+    """
 
     requires_data = True
 
     def __init__(self, normalize: bool = True):
         super().__init__(normalize)
         self._activity: dict[str, torch.Tensor] = {}
+        self._fallback_batches: list[Batch] | None = None  # untraceable model: measured at score time
+        self._warned = False
 
     def prepare(self, model: nn.Module, batches: Sequence[Batch] | None) -> None:
         if not batches:
             raise ValueError("ActivityCriterion needs training batches, got none")
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        names = {module: name for name, module in model.named_modules()}
-
-        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            dims = [d for d in range(output.dim()) if d != 1]
-            value = torch.relu(output.detach()).mean(dim=dims) * output.shape[0]
-            sums[names[module]] = sums.get(names[module], 0) + value
-
-        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d))]
+        self._activity, self._fallback_batches = {}, None
         try:
-            with evaluating(model):
-                for inputs, _ in batches:
-                    model(inputs)
-                    count += inputs.shape[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self._activity = {name: value / count for name, value in sums.items()}
+            graph = UnitGraph(model, batches[0][0][:2])
+        except UnitTraceError as error:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"ActivityCriterion: {error}; measuring each root layer's output through the group's batch "
+                    "norm that runs right after it and a ReLU instead (other ops in between are not seen)"
+                )
+            self._fallback_batches = list(batches)
+            return
+        self._activity = _chain_end_activity(graph, batches)
 
     def raw_scores(self, graph: Any, group: Any) -> torch.Tensor:
+        if self._fallback_batches is not None and group.root not in self._activity:
+            # one pass over the batches for every group of the step; the batches are not kept after it
+            groups = {other.root: other for other in graph.groups()}
+            groups[group.root] = group
+            self._activity.update(_hooked_activity(graph.model, self._fallback_batches, groups))
+            self._fallback_batches = None
         if group.root not in self._activity:
             raise ValueError(f"no activity was recorded for {group.root!r}")
         activity = self._activity[group.root].cpu()
@@ -158,3 +176,89 @@ class ActivityCriterion(ChannelCriterion):
             if per_channel is not None:
                 connected &= per_channel > 0
         return activity * connected
+
+
+class _MeanAbs:
+    """Running mean of |x| per unit and layer, over samples, positions and calls (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, per_unit: torch.Tensor) -> None:
+        """``per_unit``: shape ``(units, entries)``, every entry of unit ``j`` in row ``j``."""
+        total = per_unit.abs().sum(dim=1, dtype=torch.float64)
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.counts[name] = self.counts.get(name, 0) + per_unit.shape[1]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
+
+
+def _chain_end_activity(graph: UnitGraph, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Mean |x| per unit of every linear/conv layer, at the end of its unit-preserving chain."""
+    watched: dict[str, list[tuple[str, UnitEnd]]] = {}  # node name -> (layer, how to read its units)
+    for name, layer in graph.layers.items():
+        if is_unit_layer(layer):
+            for end in graph.ends(name):
+                watched.setdefault(end.node, []).append((name, end))
+    means = _MeanAbs()
+
+    def record(node: str, value: torch.Tensor) -> None:
+        for name, end in watched[node]:
+            means.add(name, end.per_unit(value.detach()))
+
+    for inputs, _ in batches:
+        graph.run(inputs, watched, record)
+    return means.means()
+
+
+def _hooked_activity(model: nn.Module, batches: Sequence[Batch], groups: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Fallback without a traced graph: mean ReLU(batch norms(root output)) per channel of each
+    group's root, with the group's batch-norm layers that run right after the root."""
+    # which modules run right after each root: the call sequence of the leaf modules on a small batch
+    names = {module: name for name, module in model.named_modules()}
+    sequence: list[str] = []
+    leaves = [module for module in model.modules() if next(module.children(), None) is None]
+    handles = [leaf.register_forward_pre_hook(lambda module, args: sequence.append(names[module])) for leaf in leaves]
+    try:
+        with evaluating(model):
+            model(batches[0][0][:2])
+    finally:
+        for handle in handles:
+            handle.remove()
+    norms: dict[str, list[nn.Module]] = {}
+    for root, group in groups.items():
+        members = {name for name, _ in group.members}
+        norms[root] = []
+        if root not in sequence:
+            continue
+        for name in sequence[sequence.index(root) + 1 :]:
+            module = model.get_submodule(name)
+            if name not in members or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                break
+            norms[root].append(module)
+
+    means = _MeanAbs()
+
+    def hook(root: str) -> Any:
+        def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            value = output.detach()
+            for norm in norms[root]:
+                value = norm(value)  # eval mode: running statistics, which stay untouched
+            value = torch.relu(value)
+            dim = value.dim() - 1 if isinstance(module, nn.Linear) else 1
+            means.add(root, value.movedim(dim, 0).reshape(value.shape[dim], -1))
+
+        return record
+
+    roots = [root for root in groups if is_unit_layer(model.get_submodule(root))]
+    handles = [model.get_submodule(root).register_forward_hook(hook(root)) for root in roots]
+    try:
+        with evaluating(model):
+            for inputs, _ in batches:
+                model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return means.means()

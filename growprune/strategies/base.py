@@ -107,20 +107,17 @@ class Strategy(Callback):
 
     # --------------------------------------------------------------------------- helpers
     def collect_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:
-        """The first ``scoring_batches`` training batches, on the module's device."""
+        """``scoring_batches`` random training batches, on the module's device.
+
+        Drawn from a loader of their own (see :mod:`growprune.scoring`): the training loader and
+        the global random states are left alone. The seed is the number of actions so far: the
+        same batches on every rank and in a resumed run, other batches at each action.
+        """
+        from growprune.scoring import scoring_batches
+
         if self.scoring_batches < 1:
             raise ValueError(f"{self.name}: this criterion needs data; set scoring_batches >= 1")
-        loader = trainer.train_dataloader
-        if loader is None:
-            trainer.fit_loop.setup_data()
-            loader = trainer.train_dataloader
-        batches = []
-        for batch in loader:
-            inputs, targets = batch[0], batch[1]
-            batches.append((inputs.to(pl_module.device), targets.to(pl_module.device)))
-            if len(batches) >= self.scoring_batches:
-                break
-        return batches
+        return scoring_batches(trainer, batches=self.scoring_batches, seed=len(self.history), device=pl_module.device)
 
     def _log_record(self, trainer: pl.Trainer, pl_module: Any, record: dict[str, Any]) -> None:
         metrics = {f"{self.name}/{key}": float(value) for key, value in record.items()

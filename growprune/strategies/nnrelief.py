@@ -14,7 +14,8 @@ Dekhovich et al., "Neural network relief: a pruning algorithm based on neural ac
    outgoing connection left (their incoming weights and bias). Units of the network's output
    layer are never removed.
 
-Step 3 needs to know which weight layer consumes each unit's output. Links are found with
+Step 3 needs to know which weight layer consumes each unit's output: the unit links of
+:mod:`growprune.surgery.units` (:func:`~growprune.surgery.units.trace_unit_links`). Links are found with
 ``torch.fx`` and a shape check on a real batch, and only accepted along a single chain of ops that
 keep units apart: element-wise activations, dropout, per-channel batch/instance norm and pooling,
 and one flatten from ``(N, C, *S)`` to ``(N, C * prod(S))`` (channel ``c`` owns inputs
@@ -34,19 +35,15 @@ computation masks weights temporarily and restores them before the final masks a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from growprune.criteria.base import Batch
-from growprune.modes import evaluating
 from growprune.criteria.nnrelief import (
     DEFAULT_MAX_ELEMENTS,
     check_supported,
@@ -54,251 +51,15 @@ from growprune.criteria.nnrelief import (
     cumulative_keep_mask,
     expand_unit_tensor,
     is_conv,
-    is_linear,
     relief_scores,
 )
 from growprune.schedules import Constant, Schedule
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
 from growprune.surgery.masks import select_layers, sparsity, weight_layers
 from growprune.surgery.optimizer import mask_optimizer_state
-
-# ------------------------------------------------------------------------------------ links
-_ELEMENTWISE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
-_CHANNEL_MODULES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.PReLU,
-)
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-}
-_CHANNEL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_METADATA_METHODS = {"size", "dim", "numel"}
-
-
-@dataclass(frozen=True)
-class UnitLink:
-    """Producer layer -> the weight layer that consumes its units: unit ``j`` of the producer
-    feeds the consumer's input units ``j * block ... (j + 1) * block - 1`` (features of a linear
-    consumer, channels of a conv consumer) and nothing else."""
-
-    consumer: str
-    block: int = 1
-
-
-@dataclass
-class LinkReport:
-    """Result of :func:`trace_unit_links`.
-
-    Attributes:
-        links: producer name -> :class:`UnitLink`.
-        final: layers whose output reaches no other weight layer (the output layers).
-        unlinked: layer name -> why no link could be established.
-    """
-
-    links: dict[str, UnitLink] = field(default_factory=dict)
-    final: set[str] = field(default_factory=set)
-    unlinked: dict[str, str] = field(default_factory=dict)
-
-
-class _Tracer(torch.fx.Tracer):
-    def __init__(self, leaves: set[int]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return id(module) in self.leaves or super().is_leaf_module(module, qualified_name)
-
-
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(int(size) for size in shape) if shape is not None else None
-
-
-def _is_metadata_use(node: torch.fx.Node) -> bool:
-    if node.op == "call_method" and node.target in _METADATA_METHODS:
-        return True
-    return node.op == "call_function" and node.target in (getattr, len)
-
-
-def _other_nodes(node: torch.fx.Node, source: torch.fx.Node) -> list[torch.fx.Node]:
-    found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg((node.args[1:], node.kwargs), found.append)
-    return [other for other in found if other is not source]
-
-
-def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__})"
-    name = getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {name}"
-
-
-def trace_unit_links(model: nn.Module, example: torch.Tensor, names: Sequence[str] | None = None) -> LinkReport:
-    """Which weight layer consumes the units of each weight layer in ``names`` (default: all).
-
-    Traces ``model`` with ``torch.fx`` (weight layers as leaves), propagates the shapes of
-    ``example`` (a small input batch) through the graph in eval mode, and follows each layer's
-    output through single-use, unit-preserving ops to the next weight layer (see the module
-    docstring). Anything else leaves the layer unlinked, with the reason.
-    """
-    layers = weight_layers(model)
-    names = list(layers) if names is None else list(names)
-    report = LinkReport()
-    try:
-        with evaluating(model):
-            graph_module = torch.fx.GraphModule(model, _Tracer({id(m) for m in layers.values()}).trace(model))
-            ShapeProp(graph_module).propagate(example)
-    except Exception as error:  # any model torch.fx cannot trace or run: no links, never a guess
-        reason = f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        report.unlinked = {name: reason for name in names}
-        return report
-    modules = dict(graph_module.named_modules())
-    calls: dict[str, list[torch.fx.Node]] = {name: [] for name in layers}
-    direct_uses: set[str] = set()
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and node.target in calls:
-            calls[node.target].append(node)
-        elif node.op == "get_attr":
-            owner = str(node.target).rpartition(".")[0]
-            if owner in layers:
-                direct_uses.add(owner)
-
-    def problem(name: str) -> str | None:
-        if name in direct_uses:
-            return f"the parameters of {name!r} are used outside its forward"
-        if len(calls.get(name, [])) != 1:
-            return f"{name!r} runs {len(calls.get(name, []))} times per forward pass"
-        return None
-
-    for name in names:
-        reason = problem(name)
-        if reason is not None:
-            report.unlinked[name] = reason
-            continue
-        producer = calls[name][0]
-        if not _reaches_weight_layer(producer, calls):
-            report.final.add(name)
-            continue
-        outcome = _follow(producer, layers[name], layers, calls, modules)
-        if isinstance(outcome, str):
-            report.unlinked[name] = outcome
-            continue
-        consumer_problem = problem(outcome.consumer)
-        if consumer_problem is not None:
-            report.unlinked[name] = f"its consumer is not usable: {consumer_problem}"
-            continue
-        report.links[name] = outcome
-    return report
-
-
-def _reaches_weight_layer(start: torch.fx.Node, calls: dict[str, list[torch.fx.Node]]) -> bool:
-    weight_nodes = {node for nodes in calls.values() for node in nodes}
-    seen, stack = set(), list(start.users)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in weight_nodes:
-            return True
-        stack.extend(node.users)
-    return False
-
-
-def _follow(
-    producer: torch.fx.Node,
-    producer_layer: nn.Module,
-    layers: dict[str, nn.Module],
-    calls: dict[str, list[torch.fx.Node]],
-    modules: dict[str, nn.Module],
-) -> UnitLink | str:
-    """Walk from the producer's output to the consumer; a link, or the reason there is none."""
-    shape = _shape(producer)
-    if shape is None or len(shape) < 2:
-        return "its output shape is unknown"
-    unit_dim = len(shape) - 1 if is_linear(producer_layer) else 1
-    units, block = shape[unit_dim], 1
-    node = producer
-    while True:
-        users = [user for user in node.users if not _is_metadata_use(user)]
-        if len(users) != 1:
-            return f"its output feeds {len(users)} operations (not a single chain)"
-        user = users[0]
-        if not user.args or user.args[0] is not node:
-            return f"its output is not the main input of {_describe(user, modules)}"
-        in_shape, out_shape = _shape(node), _shape(user)
-        if in_shape is None:
-            return f"the input shape of {_describe(user, modules)} is unknown"
-        if user.op == "call_module" and user.target in layers:
-            consumer = layers[user.target]
-            if _other_nodes(user, node):
-                return f"{user.target} takes other inputs too"
-            if is_linear(consumer):
-                if unit_dim == len(in_shape) - 1 and units * block == consumer.in_features:
-                    return UnitLink(str(user.target), block)
-            elif is_conv(consumer):
-                if unit_dim == 1 and block == 1 and units == consumer.in_channels:
-                    return UnitLink(str(user.target), 1)
-            return f"the units do not map onto the inputs of {_describe(user, modules)}"
-        if out_shape is None:
-            return f"{_describe(user, modules)} does not return a tensor"
-        kind = _kind(user, modules)
-        if kind is None:
-            return f"{_describe(user, modules)} may mix units"
-        if kind != "flatten" and _other_nodes(user, node):
-            return f"{_describe(user, modules)} takes other tensors"
-        if kind == "elementwise" or (kind == "flatten" and out_shape == in_shape):
-            if out_shape != in_shape:
-                return f"{_describe(user, modules)} changes the shape"
-        elif kind == "channel":
-            if not (unit_dim == 1 and block == 1 and len(out_shape) == len(in_shape) and out_shape[:2] == in_shape[:2]):
-                return f"{_describe(user, modules)} is not per-unit here"
-        else:  # flatten
-            if not (unit_dim == 1 and block == 1 and len(in_shape) >= 3 and out_shape == (in_shape[0], math.prod(in_shape[1:]))):
-                return f"{_describe(user, modules)} is not a flatten of (N, C, ...) to (N, C*...)"
-            block = math.prod(in_shape[2:])
-        node = user
-
-
-def _kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, nn.Flatten):
-            return "flatten"
-        if isinstance(module, _CHANNEL_MODULES):
-            return "channel"
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return "elementwise"
-        return None
-    if node.op == "call_function":
-        if node.target is torch.flatten:
-            return "flatten"
-        if node.target in _CHANNEL_FUNCTIONS:
-            return "channel"
-        if node.target in _ELEMENTWISE_FUNCTIONS:
-            return "elementwise"
-        return None
-    if node.op == "call_method":
-        if node.target in _FLATTEN_METHODS:
-            return "flatten"
-        if node.target in _ELEMENTWISE_METHODS:
-            return "elementwise"
-    return None
-
+# the unit-level graph lives in growprune.surgery.units; UnitLink, LinkReport and trace_unit_links
+# stay importable from here for existing users
+from growprune.surgery.units import LinkReport, UnitLink, forward_order, trace_unit_links  # noqa: F401
 
 # ---------------------------------------------------------------------- unit-level mask ops
 def _input_layout(layer: nn.Module) -> tuple[int, int, int]:
@@ -387,7 +148,7 @@ def nnrelief_masks(
     for name, layer in layers.items():
         check_supported(name, layer)
     masks = masks or {}
-    order, calls = _forward_order(model, layers, batches[0][0])
+    order, calls = forward_order(model, batches[0][0][:2], layers)
     working: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {name: _layer_masks(layers[name], name, masks) for name in order}
     snapshot = {name: (layers[name].weight.detach().clone(), None if working[name][1] is None else layers[name].bias.detach().clone()) for name in order}
 
@@ -437,34 +198,6 @@ def nnrelief_masks(
         removed_units[name] = int(_removed(weight_mask, bias_mask).sum())
     samples = sum(int(batch[0].shape[0]) for batch in batches)
     return NNReliefResult(new_masks, order, dead_units, swept_units, removed_units, unlinked, samples)
-
-
-def _forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor) -> tuple[list[str], dict[str, int]]:
-    """Selected layers in the order the forward pass first runs them, and how often each runs."""
-    calls = {name: 0 for name in layers}
-    order: list[str] = []
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            if calls[name] == 0:
-                order.append(name)
-            calls[name] += 1
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        with evaluating(model):
-            model(inputs[:2])
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in layers if calls[name] == 0]
-    if missing:
-        raise ValueError(
-            f"layer(s) {', '.join(map(repr, missing))} never ran in the model's forward pass, so NNrelief "
-            "cannot score them: leave them out with skip=[...]"
-        )
-    return order, calls
 
 
 def _remove_dead_units(
@@ -611,23 +344,15 @@ class NNReliefPruning(Strategy):
                 )
 
     def collect_pruning_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:
-        """The first ``pruning_samples`` samples of the training loader (the last batch cut to fit)."""
-        loader = trainer.train_dataloader
-        if loader is None:
-            trainer.fit_loop.setup_data()
-            loader = trainer.train_dataloader
-        batches: list[Batch] = []
-        count = 0
-        for batch in loader:
-            inputs, targets = batch[0], batch[1]
-            take = min(int(inputs.shape[0]), self.pruning_samples - count)
-            batches.append((inputs[:take].to(pl_module.device), targets[:take].to(pl_module.device)))
-            count += take
-            if count >= self.pruning_samples:
-                break
-        if not batches:
-            raise ValueError(f"{self.name}: the training loader gave no samples for the pruning set")
-        return batches
+        """``pruning_samples`` random training samples (the last batch cut to fit), on the module's device.
+
+        Drawn from a loader of their own (see :mod:`growprune.scoring`): the training loader and
+        the global random states are left alone. The seed is the iteration (number of pruning
+        steps so far): the same pruning set on every rank and in a resumed run.
+        """
+        from growprune.scoring import scoring_batches
+
+        return scoring_batches(trainer, samples=self.pruning_samples, seed=len(self.history), device=pl_module.device)
 
     def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
         model = pl_module.model
