@@ -2,7 +2,10 @@
 
 The module owns everything that describes the *current* network beyond its weights, so that a
 checkpoint alone can rebuild it: the weight masks of unstructured pruning and the edit log of
-structural changes. Strategies (Lightning callbacks) change the network through this module.
+typed edits (:mod:`growprune.surgery.edits`). Every change goes through :meth:`GrowPruneModule.apply_edit`
+(strategies use it too): it applies the edit, logs it, carries masks and, during training, repairs
+the optimizer. Loading a checkpoint replays the logged structural edits on the base architecture
+and checks the result against the stored tensor shapes.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from growprune.metrics import SizeMeter, count_parameters
-from growprune.modes import evaluating
+from growprune.modes import evaluating, preserved_modes
 from growprune.models import create_model
+from growprune.surgery.channels import ChannelGraph
+from growprune.surgery.edits import Edit, EditContext, EditResult, replay, structural_entries
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -76,8 +81,10 @@ class GrowPruneModule(pl.LightningModule):
         # Unstructured masks: parameter name -> tensor of 0/1 of the parameter's shape and dtype.
         self._masks: dict[str, torch.Tensor] = {}
         self._mask_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        # Structural edits in the order applied (JSON-serialisable dicts); replayed on load.
+        # One record per action, in order (JSON-serialisable dicts; each lists its typed edits
+        # under "ops"); the structural edits are replayed on load.
         self.edit_log: list[dict[str, Any]] = []
+        self._channel_graph: ChannelGraph | None = None
         self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
         if self.input_shape is not None:
             self._check_shapes(num_classes)
@@ -210,8 +217,16 @@ class GrowPruneModule(pl.LightningModule):
 
     @masks.setter
     def masks(self, value: dict[str, torch.Tensor]) -> None:
-        self._masks = dict(value)
+        """Replace all masks and zero the masked weights now (so size metrics read right after are right)."""
+        checked = {}
+        for name, mask in dict(value).items():
+            parameter = self.model.get_parameter(name)
+            if mask.shape != parameter.shape:
+                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(parameter.shape)}")
+            checked[name] = mask.detach().to(device=parameter.device, dtype=parameter.dtype)
+        self._masks = checked
         self.invalidate_mask_cache()
+        self.apply_masks()
 
     def invalidate_mask_cache(self) -> None:
         """Forget the cached (parameter, mask) pairs; call after replacing parameter objects."""
@@ -241,6 +256,92 @@ class GrowPruneModule(pl.LightningModule):
         parameters, masks = self._masked_pairs()
         with torch.no_grad():
             torch._foreach_mul_(parameters, masks)
+
+    # ------------------------------------------------------------------------------------ edits
+    def example_inputs(self) -> torch.Tensor:
+        """One zero sample of the data's input shape, on the model's device (for tracing and probing)."""
+        if self.input_shape is None:
+            raise ValueError("this needs the module's input_shape (the data module's input shape)")
+        parameter = next(self.model.parameters(), None)
+        return torch.zeros(1, *self.input_shape, device=parameter.device if parameter is not None else None)
+
+    def channel_graph(self) -> ChannelGraph:
+        """The model's channel groups and channel surgery, checked by a dry run; rebuilt after the model changed."""
+        graph = self._channel_graph
+        if graph is None or graph.model is not self.model or not graph.is_current():
+            graph = self._channel_graph = ChannelGraph(self.model, self.example_inputs())
+        return graph
+
+    def apply_edit(self, edit: Edit, log: bool = True, info: dict[str, Any] | None = None) -> EditResult:
+        """Apply a typed edit (:mod:`growprune.surgery.edits`) to the network, from anywhere.
+
+        The edit is applied in place (modes and ``requires_grad`` flags are kept); masks follow
+        the tensors they belong to; during training the optimizer is rebuilt with its state carried
+        (sliced, zero-padded, renamed) and the LR schedule kept, and every strategy is told
+        (``Strategy.on_edit``). With ``log`` the edit is appended to :attr:`edit_log` as one record
+        (``info`` adds fields to it). Under DDP, call it on every rank with the same edit.
+        Bad edits raise ``ValueError`` before the network changes.
+        """
+        if not isinstance(edit, Edit):
+            raise TypeError(f"apply_edit needs a growprune.surgery.edits.Edit, got {type(edit).__name__}")
+        context = EditContext(self.example_inputs(), graph_factory=lambda model: self.channel_graph())
+        with preserved_modes(self.model):
+            result = edit.apply(self.model, context)
+        trainer = self._trainer if self._trainer is not None and self._trainer.optimizers else None
+        if result.structural:
+            self._channel_graph = context.graph if context.graph is not None and context.graph.is_current() else None
+            if trainer is not None:
+                from growprune.surgery.optimizer import repair_training
+
+                repair_training(trainer, self, result)
+            else:
+                from growprune.surgery.optimizer import carry_masks
+
+                carry_masks(self, result.changes, result.renamed)
+                self.invalidate_mask_cache()
+        for name, mask in result.masks.items():
+            self.set_mask(name, mask)
+            if trainer is not None:
+                from growprune.surgery.optimizer import mask_optimizer_state
+
+                mask_optimizer_state(trainer.optimizers, self.model.get_parameter(name), self._masks[name])
+        if self._trainer is not None:
+            for callback in self._trainer.callbacks:
+                if callable(getattr(callback, "on_edit", None)):
+                    callback.on_edit(self._trainer, self, edit, result)
+        if log:
+            self.edit_log.append({"action": "edit", **(info or {}), "ops": [edit.to_dict()]})
+        return result
+
+    def _replay_edits(self, edit_log: list[dict[str, Any]], state_dict: dict[str, torch.Tensor]) -> None:
+        """Bring the model to the architecture a checkpoint was saved with, by replaying its edit log."""
+        stored = structural_entries(edit_log)
+        if not stored:
+            return  # nothing structural was logged: shapes, if different, are resized on load
+        current = structural_entries(self.edit_log)
+        if current == stored[: len(current)]:
+            todo = stored[len(current):]
+        elif isinstance(self.hparams.get("arch"), str):
+            # the module's network went elsewhere: start again from a freshly built base architecture
+            self.model = self._build_model(self.hparams["arch"], self.hparams.get("arch_kwargs") or {},
+                                           self.hparams.get("num_classes"), self.input_shape)
+            todo = stored
+        else:
+            raise ValueError("the checkpoint's edit log does not continue this module's edits, and the base "
+                             "architecture cannot be rebuilt (arch is an nn.Module instance): load it into a fresh module")
+        replay(self.model, todo, self.example_inputs())
+        self._channel_graph = None
+        self.invalidate_mask_cache()
+        replayed = self.model.state_dict()
+        for key, tensor in state_dict.items():
+            if not key.startswith("model."):
+                continue
+            name = key[len("model."):]
+            here = replayed.get(name)
+            if here is None or tuple(here.shape) != tuple(tensor.shape):
+                shape = "missing" if here is None else f"of shape {tuple(here.shape)}"
+                raise ValueError(f"replaying the checkpoint's edit log does not rebuild its architecture: {name!r} is "
+                                 f"{shape} after replay but {tuple(tensor.shape)} in the checkpoint")
 
     # ------------------------------------------------------------------------------ size metrics
     def size_metrics(self) -> dict[str, float]:
@@ -280,7 +381,9 @@ class GrowPruneModule(pl.LightningModule):
         state = checkpoint.get("growprune")
         if state is None:
             return
-        self.edit_log = list(state.get("edit_log", []))
+        edit_log = list(state.get("edit_log", []))
+        self._replay_edits(edit_log, checkpoint.get("state_dict", {}))
+        self.edit_log = edit_log
         self.original_params = int(state.get("original_params", self.original_params))
         if self._size_meter is not None:
             self._size_meter.original_params = self.original_params

@@ -18,6 +18,7 @@ means the last epoch (or step) of training, read from the trainer when training 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -70,14 +71,20 @@ class Schedule:
         """Fraction of the way from ``initial`` to ``amount`` at ``progress`` in [0, 1]."""
         return progress
 
-    def resolve_end(self, last_time: int) -> None:
-        """Fix ``end=None`` to the last epoch/step of training (called when training starts)."""
-        if self.end is None:
-            if last_time < self.start:
+    def resolved(self, last_time: int) -> "Schedule":
+        """A copy with ``end=None`` fixed to ``last_time``, the last epoch/step of training.
+
+        Strategies call this when a fit starts and act on the copy: the configured schedule is
+        never changed, so the same strategy can run in several fits.
+        """
+        schedule = copy.deepcopy(self)
+        if schedule.end is None:
+            if last_time < schedule.start:
                 raise ValueError(
-                    f"schedule starts at {self.unit} {self.start} but training ends at {self.unit} {last_time}"
+                    f"schedule starts at {schedule.unit} {schedule.start} but training ends at {schedule.unit} {last_time}"
                 )
-            self.end = int(last_time)
+            schedule.end = int(last_time)
+        return schedule
 
     # ------------------------------------------------------------------------------- queries
     def times(self) -> list[int]:

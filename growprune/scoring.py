@@ -180,3 +180,25 @@ def _numpy_and_random_states_kept() -> Iterator[None]:
     finally:
         np.random.set_state(numpy_state)
         random.setstate(random_state)
+
+
+@contextmanager
+def loss_gradients(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Inside: every parameter's ``.grad`` holds the gradient of the cross-entropy loss summed over
+    ``batches`` (eval mode: batch-norm statistics stay). On exit the gradients that were there
+    before (e.g. being accumulated under ``accumulate_grad_batches``) are put back, unchanged.
+    """
+    from growprune.modes import evaluating
+
+    parameters = list(model.parameters())
+    saved = [parameter.grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    try:
+        with evaluating(model, gradients=True):
+            for inputs, targets in batches:
+                torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        yield
+    finally:
+        for parameter, grad in zip(parameters, saved):
+            parameter.grad = grad

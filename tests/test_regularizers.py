@@ -2,6 +2,7 @@
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -254,14 +255,21 @@ def test_slimming_end_to_end_with_default_schedule_shrinks_vgg(tmp_path):
     strategy = NetworkSlimming(lambda_l1=1e-4, prune_fraction=0.5, name="slim")
     probe = ScaleProbe()
     trainer = tiny_trainer(tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=1, callbacks=[strategy, probe])
-    trainer.fit(module, vgg_data())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, vgg_data())
+    # the record says what the method asked for (its share and threshold) and what it got;
+    # no warning compares it with the schedule's amount (it used to say "asked for 0.0 %, got 50.0 %")
+    assert not [w for w in caught if "asked for" in str(w.message)]
 
     (record,) = module.edit_log
     assert record["time"] == 3  # default: after 75 % of the 4 epochs
     assert record["removed"] == sum(before) // 2
     assert sum(conv_channels(module.model)) == sum(before) - sum(before) // 2
+    assert record["target"] == 0.5 and record["target_type"] == "regularised_channels"
     assert record["achieved"] == pytest.approx(0.5)
-    assert record["threshold"] > 0 and record["history"]
+    assert record["threshold"] > 0 and record["ops"][0]["op"] == "remove_channels"
+    assert strategy.schedule.start == 0  # the configured (default) schedule was not moved to epoch 3
     # the penalty was on while training with it, and off for the fine-tuning epoch
     assert [probe.terms_at_epoch_start[e] for e in range(4)] == [["slim"], ["slim"], ["slim"], []]
     now_params, now_flops = count_parameters(module.model), dense_flops(module.model, (3, 16, 16))
@@ -281,10 +289,15 @@ def test_polarization_end_to_end_removes_the_polarised_low_channels(tmp_path):
                 layer.weight.copy_(torch.tensor([0.005 if i % 2 == 0 else 0.8 for i in range(layer.num_features)]))
     strategy = PolarizationPruning(schedule=OneShot(amount=0.0, at=1), initial_scale=None, name="polar")
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[strategy])
-    trainer.fit(module, vgg_data())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, vgg_data())
+    assert not [w for w in caught if "asked for" in str(w.message)]
 
     (record,) = module.edit_log
     assert record["time"] == 1 and all(value is not None for value in record["thresholds"].values())
+    # polarization asks for no share (its valleys decide): no target, and half the regularised channels went
+    assert record["target"] is None and record["achieved"] == pytest.approx(0.5)
     assert conv_channels(module.model) == [c // 2 for c in before]
     for layer in module.model.modules():
         if isinstance(layer, nn.BatchNorm2d):

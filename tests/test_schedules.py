@@ -42,13 +42,15 @@ def test_explicit_steps():
     assert targets(Steps(steps=[1, 3], amounts=0.3)) == {1: 0.3, 3: 0.3}
 
 
-def test_end_none_resolves_to_end_of_training():
+def test_end_none_resolves_to_end_of_training_in_a_copy():
     schedule = Linear(amount=0.5, start=0)
-    schedule.resolve_end(4)
-    assert targets(schedule) == {0: 0.0, 1: 0.125, 2: 0.25, 3: 0.375, 4: 0.5}
+    resolved = schedule.resolved(4)
+    assert targets(resolved) == {0: 0.0, 1: 0.125, 2: 0.25, 3: 0.375, 4: 0.5}
+    assert schedule.end is None  # the configured schedule is never changed
+    assert targets(schedule.resolved(8))[8] == 0.5
     late = Linear(amount=0.5, start=10)
     with pytest.raises(ValueError, match="training ends"):
-        late.resolve_end(4)
+        late.resolved(4)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from growprune.metrics import count_parameters, dense_flops
 from growprune.models import create_model
 from growprune.schedules import Linear, OneShot
 from growprune.strategies import StructuredPruning
-from growprune.surgery.channels import ChannelGraph, replay_channel_edits
+from growprune.surgery.channels import ChannelGraph
+from growprune.surgery.edits import replay_log
 from tests.helpers import tiny_trainer
 
 IMAGE = (3, 16, 16)
@@ -86,15 +87,19 @@ def test_remove_shrinks_model_and_maps_kept_indices_exactly():
     model.train()
     graph = ChannelGraph(model, torch.zeros(1, *IMAGE))
     groups = graph.groups()
+    before = {name: tensor.shape for name, tensor in model.state_dict().items()}
     changes = graph.remove({group.root: list(range(0, group.channels, 2)) for group in groups})
     assert model.training  # DepGraph leaves eval mode on; we restore it
-    assert model(torch.zeros(2, *IMAGE)).shape == (2, 10)
-    for new, change in changes.items():
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every tensor whose shape changed (parameters AND batch-norm statistics) has its change
+    assert set(changes) == {name for name in tensors if tensors[name].shape != before[name]}
+    for name, change in changes.items():
         value = change.old.detach()
-        for dim, kept in enumerate(change.kept):
+        for dim, kept in enumerate(change.index):
             if kept is not None:
                 value = value.index_select(dim, kept)
-        assert torch.equal(value, new.detach())
+        assert torch.equal(value, tensors[name].detach()), name
+    assert model(torch.zeros(2, *IMAGE)).shape == (2, 10)
     assert count_parameters(model) < 0.3 * 9_231_114
 
 
@@ -275,8 +280,7 @@ def test_pruned_checkpoint_reloads_with_identical_outputs_and_edit_log_replays(t
     assert torch.allclose(restored(inputs), expected, atol=1e-6)
 
     base = create_model("resnet20", shortcut="B")
-    history = [entry for record in module.edit_log for entry in record.get("history", [])]
-    replay_channel_edits(base, torch.zeros(1, *IMAGE), history)
+    replay_log(base, module.edit_log, torch.zeros(1, *IMAGE))
     assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in module.model.state_dict().items()}
     base.load_state_dict(module.model.state_dict())
     base.eval()
@@ -334,7 +338,7 @@ def test_resume_of_structurally_pruned_run_continues_schedule(tmp_path):
     resumed = tiny_trainer(tmp_path, max_epochs=4, callbacks=[strategy], limit_train_batches=2, limit_val_batches=1)
     resumed.fit(resumed_module, image_data(), ckpt_path=path, weights_only=False)
     assert [r["time"] for r in resumed_module.edit_log] == [1, 3]
-    assert resumed_module.edit_log[0]["history"] == module.edit_log[0]["history"]
+    assert resumed_module.edit_log[0]["ops"] == module.edit_log[0]["ops"]
     assert dense_flops(resumed_module.model, IMAGE) / dense_flops(create_model("vgg11_bn"), IMAGE) == pytest.approx(0.5, abs=0.015)
     assert all(resumed_module.model.state_dict()[k].shape[0] <= shapes[k][0] for k in shapes if shapes[k])
 
@@ -346,10 +350,20 @@ def test_bn_scale_criterion_leaves_groups_without_batch_norm_whole(tmp_path):
     group = graph.groups()[0]
     assert torch.isinf(BNScaleCriterion().score(graph, group)).all()
     strategy = StructuredPruning(OneShot(amount=0.3), criterion=BNScaleCriterion())
-    strategy.check(None, module)
-    groups = strategy.graph.groups()
-    scores = {g.root: strategy.criterion.score(strategy.graph, g) for g in groups}
+    groups = graph.groups()
+    scores = BNScaleCriterion().score_channels(graph, groups)
     assert strategy.plan(module, groups, scores, 0.3) == {}
+    # ... so the set-up check refuses the target before training (it used to pass, then prune nothing)
+    with pytest.raises(ValueError, match="not reachable.*3 group.*BNScaleCriterion cannot score"):
+        strategy.check(None, module)
+
+
+def test_reachability_check_counts_max_fraction():
+    module = conv_module()
+    # no group may lose more than 20 % of its channels: 30 % of all channels cannot go
+    with pytest.raises(ValueError, match="not reachable.*at most 20% of each group"):
+        StructuredPruning(OneShot(amount=0.3), target="channels", max_fraction=0.2).check(None, module)
+    StructuredPruning(OneShot(amount=0.19), target="channels", max_fraction=0.2).check(None, module)
 
 
 def test_latency_cost_ranking_respects_max_fraction_and_meets_flops_target():

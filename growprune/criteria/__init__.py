@@ -1,10 +1,11 @@
 """Importance criteria: score candidates, higher = more important.
 
-Weight criteria score single weights (unstructured pruning); channel criteria score the channels
-of a channel group (structured pruning).
+One interface (:class:`Criterion`, see :mod:`growprune.criteria.base`): ``prepare(model, batches)``
+once per action, then ``score_weights`` (single weights, unstructured pruning) or
+``score_channels`` (channels of channel groups, structured pruning and growth).
 """
 
-from growprune.criteria.base import Batch, WeightCriterion
+from growprune.criteria.base import Batch, Criterion, WeightCriterion
 from growprune.criteria.channels import (
     ActivityCriterion,
     BNScaleCriterion,
@@ -21,6 +22,7 @@ __all__ = [
     "BNScaleCriterion",
     "Batch",
     "ChannelCriterion",
+    "Criterion",
     "FilterNormCriterion",
     "GradientCriterion",
     "MagnitudeCriterion",

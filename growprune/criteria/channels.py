@@ -1,56 +1,52 @@
 """Channel (neuron) criteria: one score per channel of a channel group, higher = more important.
 
-Scores are divided by their group's mean (``normalize=True``) so that one global ranking across
-groups compares like with like. Subclass :class:`ChannelCriterion` and implement
-:meth:`ChannelCriterion.raw_scores` to add a method.
+They follow the one criterion interface of :mod:`growprune.criteria.base` (``prepare`` once per
+action, then ``score_channels``). Scores are divided by their group's mean (``normalize=True``)
+so that one global ranking across groups compares like with like. Subclass
+:class:`ChannelCriterion` and implement :meth:`ChannelCriterion.raw_scores` to add a method.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_warn
 
-from growprune.criteria.base import Batch
+from growprune.criteria.base import Batch, Criterion
 from growprune.modes import evaluating
 from growprune.surgery.units import UnitEnd, UnitGraph, UnitTraceError, is_unit_layer
 
 
-class ChannelCriterion:
-    """Scores the channels of a :class:`~growprune.surgery.channels.ChannelGroup`.
+class ChannelCriterion(Criterion):
+    """A criterion for channels: implement :meth:`raw_scores` (one score per channel of a group).
 
-    Attributes:
-        requires_data: the strategy must collect training batches (``prepare`` receives them).
-        requires_grad: gradients of the loss on those batches must be in ``.grad`` when scoring.
+    :meth:`score_channels` checks each group's score count and, with ``normalize``, divides
+    the scores by their group's mean, so one global ranking compares like with like.
     """
 
-    requires_data: bool = False
-    requires_grad: bool = False
+    granularities: ClassVar[tuple[str, ...]] = ("channels",)
 
     def __init__(self, normalize: bool = True):
         self.normalize = normalize
-
-    def prepare(self, model: nn.Module, batches: Sequence[Batch] | None) -> None:
-        """Called once per pruning step before any group is scored (e.g. to record activations)."""
 
     def raw_scores(self, graph: Any, group: Any) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement raw_scores()")
 
     def score(self, graph: Any, group: Any) -> torch.Tensor:
-        scores = self.raw_scores(graph, group).detach().float().flatten()
+        """The (normalised) scores of one group."""
+        scores = self.raw_scores(graph, group).detach().float().flatten().cpu()
         if scores.numel() != group.channels:
             raise ValueError(f"{type(self).__name__} gave {scores.numel()} scores for {group.channels} channels of {group.root!r}")
         if self.normalize and torch.isfinite(scores).all():
             scores = scores / scores.abs().mean().clamp_min(1e-12)
         return scores
 
-    def __repr__(self) -> str:
-        arguments = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_"))
-        return f"{type(self).__name__}({arguments})"
+    def score_channels(self, graph: Any, groups: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return {group.root: self.score(graph, group) for group in groups}
 
 
 class FilterNormCriterion(ChannelCriterion):
@@ -77,6 +73,11 @@ class BNScaleCriterion(ChannelCriterion):
     def __init__(self, normalize: bool = False):
         super().__init__(normalize)
         self._importance = tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
+
+    def excluded_groups(self, graph: Any, groups: Sequence[Any]) -> set[str]:
+        """Groups without a batch-norm layer: they get no finite score and stay whole."""
+        return {group.root for group in groups if not any(
+            isinstance(graph.model.get_submodule(name), nn.modules.batchnorm._BatchNorm) for name, _ in group.members)}
 
     def raw_scores(self, graph: Any, group: Any) -> torch.Tensor:
         scores = self._importance(graph.tp_group(group.root))

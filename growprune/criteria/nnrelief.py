@@ -300,7 +300,7 @@ def cumulative_keep_mask(scores_2d: torch.Tensor, alpha: float) -> torch.Tensor:
 class NNReliefCriterion(WeightCriterion):
     """NNrelief connection importance: each weight's share of the signal its neuron receives.
 
-    ``score`` returns the normalised ``s_ji`` for every weight (conv: the kernel's score on each
+    ``score_weights`` (after ``prepare(model, batches)``) returns the normalised ``s_ji`` for every weight (conv: the kernel's score on each
     of its ``kh x kw`` entries), computed from one pass over ``batches`` on the network as it is
     (masked weights are zero and score zero). Use it with any weight-pruning strategy, e.g.
     ``UnstructuredPruning(schedule, criterion=NNReliefCriterion())``, or take the full method
@@ -331,7 +331,12 @@ class NNReliefCriterion(WeightCriterion):
         statistics = self.statistics(model, layers, batches)
         return {name: relief_scores(layer, statistics[name]) for name, layer in layers.items()}
 
-    def score(self, model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Batch] | None = None) -> dict[str, torch.Tensor]:
+    def prepare(self, model: nn.Module, batches: Sequence[Batch] | None) -> None:
+        super().prepare(model, batches)
+        self._batches = list(batches or [])
+
+    def score_weights(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        batches, self._batches = getattr(self, "_batches", None), []  # not kept beyond this action
         scores = self.unit_scores(model, layers, batches)
         return {
             name: expand_unit_tensor(layer, scores[name][0]).to(layer.weight.dtype).clone()

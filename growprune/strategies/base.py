@@ -2,9 +2,15 @@
 
 A strategy asks its :class:`~growprune.schedules.Schedule` at the start of every epoch (or step)
 whether to act; when it does, :meth:`Strategy.act` changes the network (scoring with a criterion
-and applying a surgery) and returns a record of what it did. The base class then appends that
-record to the module's edit log (stored in checkpoints), logs it to every logger, and remembers
-the action so a resumed run does not repeat it.
+and applying typed edits through :meth:`Strategy.apply_edit`, i.e. ``GrowPruneModule.apply_edit``)
+and returns a record of what it did. The base class then appends that record, with the edits, to
+the module's edit log (stored in checkpoints), logs it to every logger, and remembers the action so
+a resumed run does not repeat it.
+
+A strategy holds no state from one fit into the next: everything a fit learns (the actions done,
+the original size, the schedule resolved against this trainer) is reset in ``setup`` and stored
+in checkpoints, and the configured ``schedule`` is never changed (the fit works on a copy,
+:attr:`Strategy.active_schedule`). The same instance can train several models one after another.
 
 To write a new method, subclass :class:`Strategy` (or :class:`UnstructuredPruning` and friends)
 and implement :meth:`act`; name the class in a YAML config under ``trainer.callbacks`` with
@@ -13,6 +19,7 @@ and implement :meth:`act`; name the class in a YAML config under ``trainer.callb
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,38 +29,78 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from growprune.criteria.base import Batch
 from growprune.schedules import Schedule
+from growprune.surgery.edits import Edit, EditResult
 
 
 class Strategy(Callback):
     """Base of every grow/prune method.
 
     Args:
-        schedule: when to act and the target at each action.
+        schedule: when to act and the target at each action (never modified; see ``active_schedule``).
         name: prefix of the logged metrics and key of the edit-log entries (default: class name
             in lower case; must differ between strategies of one run).
-        scoring_batches: number of training batches collected for data-driven criteria.
+        scoring_batches: number of training batches drawn for data-driven criteria.
         verbose: print a line after each action.
+
+    Attributes:
+        active_schedule: this fit's copy of ``schedule``, with ``end`` resolved (``None`` outside a fit).
+        original: the network's size when this fit started (or as the resumed run recorded it);
+            targets are fractions of it. Each strategy fills it in :meth:`check`.
+        history: this fit's action records.
     """
 
     def __init__(self, schedule: Schedule, name: str | None = None, scoring_batches: int = 0, verbose: bool = True):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a growprune.schedules.Schedule, got {type(schedule).__name__}")
-        if scoring_batches < 0:
-            raise ValueError(f"scoring_batches must be >= 0, got {scoring_batches}")
+        if isinstance(scoring_batches, bool) or not isinstance(scoring_batches, int) or scoring_batches < 0:
+            raise ValueError(f"scoring_batches must be an integer >= 0, got {scoring_batches!r}")
         self.schedule = schedule
         self.name = name or type(self).__name__.lower()
         self.scoring_batches = scoring_batches
         self.verbose = verbose
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything a fit learned (called at the start of every fit)."""
         self.history: list[dict[str, Any]] = []
+        self.original: dict[str, Any] = {}
+        self.active_schedule: Schedule | None = None
         self._done: set[int] = set()
+        self._stored_end: int | None = None
+        self._pending_edits: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------ to override
     def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        """Validate the configuration against the model; raise before training changes anything."""
+        """Validate the configuration against the model and fill :attr:`original`; raise before
+        training changes anything."""
 
     def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
-        """Change the network towards ``target``; return a JSON-able record of what was done."""
+        """Change the network towards ``target``; return a JSON-able record of what was done.
+
+        Change the network with :meth:`apply_edit` so the edit is logged and training repaired.
+        The record may set its own ``"target"`` (e.g. ``None`` for methods that decide how much
+        goes by themselves); otherwise the schedule's target is recorded.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement act()")
+
+    def on_edit(self, trainer: pl.Trainer, pl_module: Any, edit: Edit, result: EditResult) -> None:
+        """Called after every edit of the network (by any strategy or by hand) during a fit;
+        override to move state that follows the tensors (e.g. snapshots) through ``result``."""
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> Schedule:
+        """This fit's schedule: a copy of ``schedule`` with ``end`` fixed to the last epoch/step."""
+        schedule = copy.deepcopy(self.schedule)
+        if schedule.end is None:
+            if self._stored_end is not None:
+                return schedule.resolved(self._stored_end)  # a resumed run keeps its original end
+            if schedule.unit == "epoch":
+                last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
+            else:
+                last = int(trainer.estimated_stepping_batches) - 1
+            if last is None:
+                raise ValueError(f"{self.name}: the schedule needs an explicit end when max_epochs is unlimited")
+            schedule = schedule.resolved(last)
+        return schedule
 
     # ------------------------------------------------------------------------------ hooks
     @property
@@ -68,20 +115,16 @@ class Strategy(Callback):
 
         if not isinstance(pl_module, GrowPruneModule):
             raise TypeError(f"{type(self).__name__} needs a growprune.GrowPruneModule, got {type(pl_module).__name__}")
-        names = [callback.name for callback in trainer.callbacks if isinstance(callback, Strategy)]
-        if names.count(self.name) > 1:
-            raise ValueError(f"two strategies are named {self.name!r}: give each its own name=")
+        clashes = [callback for callback in trainer.callbacks
+                   if isinstance(callback, Strategy) and callback is not self and callback.name == self.name]
+        if clashes:
+            raise ValueError(f"two strategies are named {self.name!r} ({type(self).__name__} and "
+                             f"{type(clashes[0]).__name__}): give each its own name=")
+        self.reset()
         self.check(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.schedule.unit == "epoch":
-            last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
-        else:
-            last = int(trainer.estimated_stepping_batches) - 1
-        if self.schedule.end is None:
-            if last is None:
-                raise ValueError(f"{self.name}: the schedule needs an explicit end when max_epochs is unlimited")
-            self.schedule.resolve_end(last)
+        self.active_schedule = self.resolve_schedule(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.unit == "epoch":
@@ -92,18 +135,26 @@ class Strategy(Callback):
             self._maybe_act(trainer, pl_module, trainer.global_step)
 
     def _maybe_act(self, trainer: pl.Trainer, pl_module: Any, time: int) -> None:
-        if time in self._done:
+        if time in self._done or self.active_schedule is None:
             return
-        target = self.schedule.target_at(time)
+        target = self.active_schedule.target_at(time)
         if target is None:
             return
+        self._pending_edits = []
         record = self.act(trainer, pl_module, target)
         self._done.add(time)
         record = {"strategy": self.name, "type": type(self).__name__, "unit": self.schedule.unit, "time": time,
-                  "target": target, **record}
+                  "target": target, **record, "ops": list(self._pending_edits)}
+        self._pending_edits = []
         pl_module.edit_log.append(record)
         self.history.append(record)
         self._log_record(trainer, pl_module, record)
+
+    def apply_edit(self, pl_module: Any, edit: Edit) -> EditResult:
+        """Apply ``edit`` through the module (optimizer repaired); it goes into this action's record."""
+        result = pl_module.apply_edit(edit, log=False)
+        self._pending_edits.append(edit.to_dict())
+        return result
 
     # --------------------------------------------------------------------------- helpers
     def collect_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:
@@ -130,18 +181,23 @@ class Strategy(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             if self.verbose:
-                summary = ", ".join(f"{key} {record[key]:.4g}" for key in ("target", "achieved") if key in record)
+                summary = ", ".join(f"{key} {record[key]:.4g}" for key in ("target", "achieved")
+                                    if isinstance(record.get(key), (int, float)))
                 rank_zero_info(f"[{self.name}] {self.schedule.unit} {record['time']}: {summary}")
 
     # ------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"done": sorted(self._done), "history": list(self.history), "schedule_end": self.schedule.end}
+        end = self.active_schedule.end if self.active_schedule is not None else self._stored_end
+        return {"done": sorted(self._done), "history": list(self.history), "schedule_end": end,
+                "original": self.original}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # called after setup() of a resumed fit: what the interrupted fit knew replaces the fresh state
         self._done = set(state_dict.get("done", []))
         self.history = list(state_dict.get("history", []))
-        if self.schedule.end is None and state_dict.get("schedule_end") is not None:
-            self.schedule.end = int(state_dict["schedule_end"])
+        self._stored_end = state_dict.get("schedule_end")
+        if state_dict.get("original"):
+            self.original = state_dict["original"]
 
 
 def scoring_batches_for(criterion: Any, scoring_batches: int | None, default: int = 8) -> int:

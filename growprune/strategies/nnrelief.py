@@ -56,7 +56,7 @@ from growprune.criteria.nnrelief import (
 from growprune.schedules import Constant, Schedule
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
 from growprune.surgery.masks import select_layers, sparsity, weight_layers
-from growprune.surgery.optimizer import mask_optimizer_state
+from growprune.surgery.edits import MaskWeights
 # the unit-level graph lives in growprune.surgery.units; UnitLink, LinkReport and trace_unit_links
 # stay importable from here for existing users
 from growprune.surgery.units import LinkReport, UnitLink, forward_order, trace_unit_links  # noqa: F401
@@ -324,8 +324,12 @@ class NNReliefPruning(Strategy):
         self.layers = list(layers) if layers is not None else None
         self.skip = list(skip or [])
         self.remove_dead_units = bool(remove_dead_units)
-        self.original_sizes: dict[str, int] = {}
         self._warned_unlinked = False
+
+    @property
+    def original_sizes(self) -> dict[str, int]:
+        """Selected layer -> its number of weights when the fit started."""
+        return self.original.setdefault("weights", {})
 
     def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
         selected = select_layers(pl_module.model, self.layers, self.skip)
@@ -373,9 +377,7 @@ class NNReliefPruning(Strategy):
         shared = broadcast_from_rank_zero(trainer, {"masks": {k: v.cpu() for k, v in result.masks.items()}, "info": info})
         masks = tensor_dict_to(shared["masks"], pl_module.device)
         info = shared["info"]
-        for parameter_name, mask in masks.items():
-            pl_module.set_mask(parameter_name, mask)
-            mask_optimizer_state(trainer.optimizers, model.get_parameter(parameter_name), mask)
+        self.apply_edit(pl_module, MaskWeights(masks))
         weight_masks = {name: masks[f"{name}.weight"] for name in layers}
         total = sum(self.original_sizes.values())
         pruned = sum(int((mask == 0).sum()) for mask in weight_masks.values())
@@ -407,11 +409,7 @@ class NNReliefPruning(Strategy):
             )
         return record
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["original_sizes"] = dict(self.original_sizes)
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.original_sizes = dict(state_dict.get("original_sizes", self.original_sizes))
+        if "original_sizes" in state_dict:  # checkpoints written before sizes moved into `original`
+            self.original["weights"] = dict(state_dict["original_sizes"])

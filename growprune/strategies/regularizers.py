@@ -33,11 +33,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from growprune.criteria.channels import BNScaleCriterion
-from growprune.metrics import count_parameters, dense_flops
+from growprune.planning import original_size
 from growprune.schedules import OneShot, Schedule
-from growprune.strategies.structured import StructuredPruning
-from growprune.surgery.channels import ChannelGraph, ChannelGroup
+from growprune.strategies.base import broadcast_from_rank_zero
+from growprune.strategies.structured import TOLERANCE, StructuredPruning
+from growprune.surgery.channels import ChannelGroup
+from growprune.surgery.edits import RemoveChannels
 
 #: Share of the epochs trained with the penalty before the default schedule prunes (the rest fine-tunes).
 DEFAULT_PRUNE_AT = 0.75
@@ -143,21 +147,23 @@ class _BNRegularisedPruning(StructuredPruning):
         verbose: bool,
     ):
         self._default_schedule = schedule is None
-        self._default_placed = False
         if schedule is None:
-            schedule = OneShot(amount=0.0, at=0)  # placed at DEFAULT_PRUNE_AT of the epochs in on_fit_start
+            schedule = OneShot(amount=0.0, at=0)  # each fit acts at DEFAULT_PRUNE_AT of its epochs instead
         super().__init__(schedule, criterion=_RegularisedScaleCriterion(), target="channels", scope="global",
                          skip=skip, min_channels=min_channels, round_to=round_to, name=name, verbose=verbose)
+
+    def reset(self) -> None:
+        super().reset()
         self.regularised_layers: list[str] = []
         self._regularising = False
         self._last_penalty: torch.Tensor | None = None
         self._plan_notes: dict[str, Any] = {}
+        self._stored_prune_at: int | None = None
 
     # ------------------------------------------------------------------------------ set-up
     def check(self, trainer: pl.Trainer | None, pl_module: Any) -> None:
-        """Build the channel graph, remember the original size and find the regularised BN layers."""
-        self.graph = ChannelGraph(pl_module.model, self._example(pl_module), self.skip)
-        groups = self.graph.groups()
+        """Find the channel groups and the regularised BN layers; remember the original size."""
+        groups = self.groups(pl_module)
         if not groups:
             raise ValueError(f"{self.name}: the model has no prunable channel group")
         layers: list[str] = []
@@ -171,20 +177,17 @@ class _BNRegularisedPruning(StructuredPruning):
                 "with batch norm after its convolutions (e.g. vgg16_bn, resnet56) or StructuredPruning"
             )
         if not self.original:
-            self.original = {
-                "channels": {group.root: group.channels for group in groups},
-                "params": count_parameters(pl_module.model),
-                "flops": dense_flops(pl_module.model, pl_module.input_shape),
-            }
+            self.original = original_size(pl_module.model, pl_module.input_shape, groups)
         if "regularised_channels" not in self.original:
             self.original["regularised_channels"] = sum(
                 group.channels for group in groups if self._bn_layers(pl_module.model, group))
 
     @staticmethod
     def _bn_layers(model: nn.Module, group: ChannelGroup) -> list[str]:
+        modules = dict(model.named_modules())
         names = []
         for name, _ in group.members:
-            module = model.get_submodule(name)
+            module = modules.get(name)
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
                 names.append(name)
         return list(dict.fromkeys(names))
@@ -192,16 +195,20 @@ class _BNRegularisedPruning(StructuredPruning):
     def _regularised_groups(self, model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
         return [group for group in groups if self._bn_layers(model, group)]
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._default_schedule and not self._default_placed:
+    def resolve_schedule(self, trainer: pl.Trainer) -> Schedule:
+        if not self._default_schedule:
+            return super().resolve_schedule(trainer)
+        at = self._stored_prune_at  # a resumed run prunes when the original run planned to
+        if at is None:
             if not trainer.max_epochs or trainer.max_epochs < 1:
                 raise ValueError(f"{self.name}: the default schedule needs max_epochs; give a schedule")
             at = min(trainer.max_epochs - 1, int(DEFAULT_PRUNE_AT * trainer.max_epochs))
-            self.schedule.start = self.schedule.end = at
-            self._default_placed = True
+        return OneShot(amount=0.0, at=at)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self.start_training(trainer, pl_module)
-        if self.schedule.end not in self._done:
+        if self.active_schedule.end not in self._done:
             pl_module.add_loss_term(self.name, self._loss_term)
             self._regularising = True
 
@@ -223,10 +230,8 @@ class _BNRegularisedPruning(StructuredPruning):
 
     def group_scales(self, pl_module: Any) -> dict[str, torch.Tensor]:
         """Per regularised group (by root layer): each channel's mean |gamma| over the group's BN layers."""
-        if self.graph is None or not self.graph.is_current():
-            self.graph = ChannelGraph(pl_module.model, self._example(pl_module), self.skip)
-        groups = self._regularised_groups(pl_module.model, self.graph.groups())
-        return {group.root: self.criterion.score(self.graph, group) for group in groups}
+        groups = self._regularised_groups(pl_module.model, self.groups(pl_module))
+        return self.criterion.score_channels(self.graph, groups)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -240,7 +245,7 @@ class _BNRegularisedPruning(StructuredPruning):
 
     def _maybe_act(self, trainer: pl.Trainer, pl_module: Any, time: int) -> None:
         super()._maybe_act(trainer, pl_module, time)
-        if self._regularising and time == self.schedule.end and time in self._done:
+        if self._regularising and time == self.active_schedule.end and time in self._done:
             self._stop_regularising(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,9 +256,28 @@ class _BNRegularisedPruning(StructuredPruning):
 
     # ------------------------------------------------------------------------------ action
     def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
+        """Cut by the method's own threshold; the record says what the method asked for and what it got.
+
+        ``target``/``achieved`` are shares of the ORIGINAL regularised channels (``target`` is
+        ``None`` when the method sets no share, as polarization's histogram valleys do), next to
+        the thresholds; the schedule's amount is not a target here.
+        """
+        groups = self.groups(pl_module)
+        scores = self.score(trainer, pl_module, groups)
         self._plan_notes = {}
-        record = super().act(trainer, pl_module, target)
-        record.update(self._plan_notes)
+        plan = broadcast_from_rank_zero(trainer, self.plan(pl_module, groups, scores, target))
+        notes = broadcast_from_rank_zero(trainer, self._plan_notes)
+        self.apply_edit(pl_module, RemoveChannels(plan))
+        record = self.measure(pl_module, plan)
+        regularised = self._regularised_groups(pl_module.model, self.groups(pl_module))
+        record["achieved_channels"] = record["achieved"]  # share of all prunable channels
+        record["achieved"] = 1 - sum(group.channels for group in regularised) / self.original["regularised_channels"]
+        record["target_type"] = "regularised_channels"
+        record.update({"target": None, **notes})
+        if record["target"] is not None and abs(record["achieved"] - record["target"]) > TOLERANCE:
+            rank_zero_warn(f"{self.name}: asked for {record['target']:.1%} of the regularised channels, got "
+                           f"{record['achieved']:.1%} (every group keeps min_channels={self.min_channels}"
+                           f"{f', round_to={self.round_to}' if self.round_to else ''})")
         return record
 
     def _capped(self, groups: list[ChannelGroup], wanted: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -261,23 +285,21 @@ class _BNRegularisedPruning(StructuredPruning):
 
         ``wanted`` lists each group's candidate channels from lowest to highest scale.
         """
-        caps = {group.root: group.channels - self._kept_count(self.min_channels, group.channels) for group in groups}
-        counts = self._rounded(groups, {root: len(indices) for root, indices in wanted.items()}, caps)
+        caps = {group.root: group.channels - self.planner.kept_count(self.min_channels, group.channels) for group in groups}
+        counts = self.planner._rounded(groups, {root: len(indices) for root, indices in wanted.items()}, caps)
         return {root: sorted(indices[:counts[root]]) for root, indices in wanted.items() if counts.get(root, 0) > 0}
 
     # -------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self._default_schedule and self._default_placed:
-            state["default_prune_at"] = self.schedule.start
+        if self._default_schedule and self.active_schedule is not None:
+            state["default_prune_at"] = self.active_schedule.start
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # a resumed run prunes when the original run planned to, even if max_epochs changed
         if self._default_schedule and state_dict.get("default_prune_at") is not None:
-            self.schedule.start = self.schedule.end = int(state_dict["default_prune_at"])
-            self._default_placed = True
+            self._stored_prune_at = int(state_dict["default_prune_at"])
 
 
 # ------------------------------------------------------------------------------ network slimming

@@ -7,12 +7,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from growprune.criteria.base import WeightCriterion
+from growprune.criteria.base import Criterion
 from growprune.criteria.weights import MagnitudeCriterion
 from growprune.schedules import Schedule
+from growprune.scoring import loss_gradients
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, scoring_batches_for, tensor_dict_to
+from growprune.surgery.edits import Edit, EditResult, MaskWeights
 from growprune.surgery.masks import SCOPES, keep_masks, select_layers, sparsity
-from growprune.surgery.optimizer import mask_optimizer_state, reset_optimizer_state
+from growprune.surgery.optimizer import reset_optimizer_state
 
 
 def check_prune_amounts(schedule: Schedule) -> None:
@@ -49,7 +51,7 @@ class UnstructuredPruning(Strategy):
     def __init__(
         self,
         schedule: Schedule,
-        criterion: WeightCriterion | None = None,
+        criterion: Criterion | None = None,
         scope: str = "layer",
         layers: list[str] | None = None,
         skip: list[str] | None = None,
@@ -60,8 +62,8 @@ class UnstructuredPruning(Strategy):
         verbose: bool = True,
     ):
         criterion = criterion if criterion is not None else MagnitudeCriterion()
-        if not isinstance(criterion, WeightCriterion):
-            raise TypeError(f"criterion must be a WeightCriterion, got {type(criterion).__name__}")
+        if not isinstance(criterion, Criterion) or not criterion.supports("weights"):
+            raise TypeError(f"criterion must score single weights (a WeightCriterion), got {type(criterion).__name__}")
         super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose)
         check_prune_amounts(schedule)
         if scope not in SCOPES:
@@ -76,14 +78,51 @@ class UnstructuredPruning(Strategy):
         self.skip = list(skip or [])
         self.skip_first_and_last = skip_first_and_last
         self.rewind_epoch = rewind_epoch
-        self.original_sizes: dict[str, int] = {}
+
+    def reset(self) -> None:
+        super().reset()
         self.rewind_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def original_sizes(self) -> dict[str, int]:
+        """Selected layer -> its number of weights when the fit started (targets are fractions of them)."""
+        return self.original.setdefault("weights", {})
 
     def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
         selected = select_layers(pl_module.model, self.layers, self.skip, self.skip_first_and_last)
-        # sizes at the first set-up are the originals; a resumed run keeps the stored ones
+        # sizes at set-up are the originals; a resumed run replaces them by the stored ones
         for name, layer in selected.items():
             self.original_sizes.setdefault(name, layer.weight.numel())
+
+    def score(self, trainer: pl.Trainer, pl_module: Any, layers: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The criterion's weight scores, on scoring batches of its own when it needs data."""
+        model = pl_module.model
+        batches = self.collect_batches(trainer, pl_module) if self.criterion.requires_data else None
+        if self.criterion.requires_grad:
+            with loss_gradients(model, batches or []):
+                self.criterion.prepare(model, batches)
+                return self.criterion.score_weights(model, layers)
+        self.criterion.prepare(model, batches)
+        return self.criterion.score_weights(model, layers)
+
+    def on_edit(self, trainer: pl.Trainer, pl_module: Any, edit: Edit, result: EditResult) -> None:
+        """The rewind snapshot follows structural edits (removed channels go, added ones take their
+        current values), so rewinding after a structural change loads the right shapes."""
+        if self.rewind_state is None or not result.structural:
+            return
+        current = pl_module.model.state_dict()
+        snapshot = {}
+        for name, value in self.rewind_state.items():
+            name = result.renamed.get(name, name)
+            if name not in current:
+                continue  # its layer was removed
+            change = result.changes.get(name)
+            if change is not None:
+                value = change.carry(value.to(current[name].device), current[name].shape, fill=current[name])
+            snapshot[name] = value if value.shape == current[name].shape else current[name].detach().clone()
+        for name, value in current.items():
+            snapshot.setdefault(name, value.detach().clone())  # tensors of inserted layers
+        self.rewind_state = snapshot
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rewind_epoch is not None and self.rewind_state is None and trainer.current_epoch == self.rewind_epoch:
@@ -94,8 +133,7 @@ class UnstructuredPruning(Strategy):
     def act(self, trainer: pl.Trainer, pl_module: Any, target: float) -> dict[str, Any]:
         model = pl_module.model
         layers = {name: model.get_submodule(name) for name in self.original_sizes}
-        batches = self.collect_batches(trainer, pl_module) if self.criterion.requires_data else None
-        scores = self.criterion.score(model, layers, batches)
+        scores = self.score(trainer, pl_module, layers)
         if self.scope == "layer":
             keep: dict[str, int] | int = {name: round((1.0 - target) * size) for name, size in self.original_sizes.items()}
         else:
@@ -106,9 +144,7 @@ class UnstructuredPruning(Strategy):
         if self.rewind_state is not None:
             model.load_state_dict(self.rewind_state)
             reset_optimizer_state(trainer.optimizers)
-        for name, mask in masks.items():
-            pl_module.set_mask(f"{name}.weight", mask)
-            mask_optimizer_state(trainer.optimizers, layers[name].weight, mask)
+        self.apply_edit(pl_module, MaskWeights({f"{name}.weight": mask for name, mask in masks.items()}))
         pruned = sum(int((mask == 0).sum()) for mask in masks.values())
         total = sum(self.original_sizes.values())
         record = {
@@ -124,12 +160,12 @@ class UnstructuredPruning(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["original_sizes"] = dict(self.original_sizes)
         if self.rewind_state is not None:
             state["rewind_state"] = {key: value.cpu() for key, value in self.rewind_state.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.original_sizes = dict(state_dict.get("original_sizes", self.original_sizes))
+        if "original_sizes" in state_dict:  # checkpoints written before sizes moved into `original`
+            self.original["weights"] = dict(state_dict["original_sizes"])
         self.rewind_state = state_dict.get("rewind_state")

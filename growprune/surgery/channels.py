@@ -1,41 +1,51 @@
-"""Neuron/channel surgery on any architecture, on top of Torch-Pruning's dependency graph (DepGraph).
+"""Neuron/channel surgery on any architecture: dependency groups from DepGraph, edits by growprune.
 
-DepGraph finds which layers must change together when a channel goes (residual adds, concatenation,
-depthwise and grouped convolutions, batch norm) and removes the channels physically, so the network
-really gets smaller. :class:`ChannelGraph` wraps it with the known hazards handled:
+Torch-Pruning's dependency graph (DepGraph) finds which layers must change together when a
+channel of one layer changes: residual adds, concatenations and splits, flattening, depthwise and
+grouped convolutions, batch norm. :class:`ChannelGraph` uses it for exactly that (the *groups* and
+the index of each member's channels) and applies the edits with growprune's own per-layer
+handlers (:mod:`growprune.surgery.handlers`), so removing and adding channels are one mechanism
+run in two directions:
 
-* building the graph leaves the model in eval mode and re-enables frozen parameters: both are
-  restored (:class:`~growprune.surgery.optimizer.preserved_modes`);
-* it fails under ``torch.no_grad()``: the graph is built with gradients enabled;
-* it replaces parameter objects: :meth:`ChannelGraph.remove` returns a :class:`ParameterChange` map
-  so optimizer state can be sliced (see :func:`~growprune.surgery.optimizer.repair_training`);
-* layers it cannot trace correctly (e.g. parameter-free channel padding) are found by a dry run on
-  a copy, and reported by name before the real model is touched;
-* no ``BasePruner`` (its mutable default arguments leak between instances).
+* :meth:`ChannelGraph.remove` removes channels (pruning), :meth:`ChannelGraph.add` adds them
+  (growth: new channels start neutral, zero fan-in and fan-out, so the network's function is
+  unchanged); both return a :class:`~growprune.surgery.changes.ParameterChange` for every
+  replaced parameter and buffer, keyed by its name, so optimizer state, masks and snapshots follow;
+* depthwise convolutions with a channel multiplier m > 1 (DepGraph treats their inputs and
+  outputs as unrelated) are coupled here: removing or adding an input channel of such a layer
+  removes or adds its m outputs, with everything that consumes them;
+* layer types without a growprune handler are changed by DepGraph's own function (removal only),
+  with their changes inferred tensor by tensor (a tensor whose map cannot be inferred is
+  reported, and its optimizer state restarts).
 
-Every removal is recorded in DepGraph's JSON pruning history, which :func:`replay_channel_edits`
-replays on a freshly built base architecture.
+Hazards of DepGraph that are handled: it leaves the model in eval mode and re-enables frozen
+parameters (both restored, :class:`~growprune.modes.preserved_modes`); it fails under
+``torch.no_grad()`` (the graph is built with gradients enabled); layers it treats as
+channel-preserving but that are not (e.g. zero channel padding) are found by a dry run on a copy
+and reported by name before the real model is touched.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from growprune.modes import preserved_modes
-from growprune.surgery.optimizer import ParameterChange
+from growprune.surgery.changes import NEW, ParameterChange, inserted_index, kept_index
+from growprune.surgery.handlers import ConvHandler, handler_for
+from growprune.surgery.units import execution_order
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass
 class ChannelGroup:
-    """Channels that are removed together: one DepGraph group, as data a user can inspect.
+    """Channels that change together: one dependency group, as data a user can inspect.
 
     Attributes:
         root: name of the layer whose output channels define the group.
@@ -54,53 +64,72 @@ class ChannelGroup:
         return sorted({name for name, _ in self.members})
 
 
-def _index(value: Any) -> int:
-    return int(value.idx) if hasattr(value, "idx") else int(value)
+@dataclass(frozen=True)
+class _Coupling:
+    """A depthwise convolution with channel multiplier > 1 whose inputs belong to a group."""
+
+    layer: str
+    multiplier: int
 
 
-def execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
-    """Names of the weight layers in the order a forward pass calls them."""
-    order: list[str] = []
-    names = {module: name for name, module in model.named_modules()}
-    hooks = [module.register_forward_hook(lambda m, i, o: order.append(names[m]))
-             for module in model.modules() if isinstance(module, PRUNABLE_TYPES)]
-    try:
-        with preserved_modes(model), torch.no_grad():
-            model.eval()
-            model(example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return list(dict.fromkeys(order))
+def _has_state(module: Any) -> bool:
+    return isinstance(module, nn.Parameter) or any(True for _ in module.parameters(recurse=False)) or \
+        any(True for _ in module.buffers(recurse=False))
 
 
 class ChannelGraph:
-    """The channel groups of a model and the surgery that removes channels from them.
+    """The channel groups of a model and the surgery that removes or adds channels in them.
 
     Args:
-        model: the network (edited in place by :meth:`remove`).
+        model: the network (edited in place by :meth:`remove` and :meth:`add`).
         example_inputs: one batch of inputs (a single sample is enough).
-        skip: names of layers whose channels must not change (the output layer is always skipped).
+        skip: names of layers whose output channels must not change (the output layer always stays).
+        check: run the dry run that finds layers DepGraph cannot handle (off for replaying edits).
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, skip: Sequence[str] = ()):
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, skip: Sequence[str] = (), check: bool = True):
         self.model = model
         self.example_inputs = example_inputs
-        modules = dict(model.named_modules())
-        unknown = [name for name in skip if name not in modules]
-        if unknown:
-            raise ValueError(f"no layer named {unknown[0]!r}; weight layers: {', '.join(execution_order(model, example_inputs))}")
         order = execution_order(model, example_inputs)
         if not order:
             raise ValueError("the model has no linear or convolution layers to prune")
         self.output_layer = order[-1]
-        self.skip = set(skip) | {self.output_layer}
-        self._check_traceable()
-        self.graph = self._build(model)
-        self._handlers = {self.graph._module2name[group.items[0][0].target.module]: group.items[0][0].handler
-                          for group in self._raw_groups(self.graph, model)}
+        self.skip = frozenset(self._checked_skip(skip)) | {self.output_layer}
+        self.unmapped: list[str] = []  # tensors changed by a DepGraph fallback whose map was not inferred
+        if check:
+            self._check_traceable()
+        self._build()
+
+    def _checked_skip(self, skip: Iterable[str]) -> set[str]:
+        modules = dict(self.model.named_modules())
+        unknown = [name for name in skip if name not in modules]
+        if unknown:
+            raise ValueError(f"no layer named {unknown[0]!r}; weight layers: {', '.join(execution_order(self.model, self.example_inputs))}")
+        return set(skip)
+
+    # ------------------------------------------------------------------------------ the graph
+    def _build(self) -> None:
+        self._tp_groups = None
+        self.graph = self._dependency_graph(self.model)
+        self._names = {module: name for name, module in self.model.named_modules()}
+        self._root_handlers: dict[str, Any] = {}
+        for group in self._full_groups().values():
+            self._root_handlers[self._names[group.items[0].dep.target.module]] = group.items[0].dep.handler
+        self._couplings = self._find_couplings()
         self._modules = self._module_identity()
-        self._groups: list[ChannelGroup] | None = None
+        self._groups: dict[frozenset, list[ChannelGroup]] = {}
+
+    def _full_groups(self) -> dict[str, Any]:
+        """DepGraph's groups with all channels, by root name (cached until the next edit: slow on big graphs)."""
+        if getattr(self, "_tp_groups", None) is None:
+            output = self.model.get_submodule(self.output_layer)
+            self._tp_groups = {self._names[group.items[0].dep.target.module]: group for group in
+                               self.graph.get_all_groups(ignored_layers=[output], root_module_types=PRUNABLE_TYPES)}
+        return self._tp_groups
+
+    def _dependency_graph(self, model: nn.Module) -> tp.DependencyGraph:
+        with preserved_modes(model), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
 
     def _module_identity(self) -> dict[str, tuple]:
         return {name: (id(module), tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
@@ -110,9 +139,43 @@ class ChannelGraph:
         """Whether the model is as this graph last saw it: same layer objects and shapes (else rebuild)."""
         return self._module_identity() == self._modules
 
-    def _build(self, model: nn.Module) -> tp.DependencyGraph:
-        with preserved_modes(model), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
+    def _find_couplings(self) -> dict[str, list[_Coupling]]:
+        """Groups whose channels feed depthwise convs with multiplier > 1, and those convs' own groups."""
+        couplings: dict[str, list[_Coupling]] = {}
+        self._hidden_roots: set[str] = set()
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.conv._ConvNd) and ConvHandler.is_depthwise(module) \
+                    and module.out_channels > module.groups and not module.transposed:
+                feeding = next((root for root in self._root_handlers
+                                if (name, "in") in self._members(self._tp_group_of(root))), None)
+                if feeding is None:
+                    continue
+                couplings.setdefault(feeding, []).append(_Coupling(name, module.out_channels // module.groups))
+                self._hidden_roots.add(name)
+        return couplings
+
+    def _tp_group_of(self, root: str, indices: Sequence[int] | None = None) -> Any:
+        if indices is None and root in self._full_groups():
+            return self._full_groups()[root]
+        module = self.model.get_submodule(root)
+        handler = self.graph.get_pruner_of_module(module)
+        size = handler.get_out_channels(module)
+        return self.graph.get_pruning_group(module, self._root_handlers[root], list(range(size)) if indices is None else list(indices))
+
+    def _side(self, dep: Any) -> str:
+        return "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
+
+    def _members(self, tp_group: Any) -> list[tuple[str, str]]:
+        members = []
+        for item in tp_group.items:
+            module = item.dep.target.module
+            if isinstance(module, nn.Parameter):
+                name = self.graph._param_to_name.get(module)
+                if name is not None:
+                    members.append((name, self._side(item.dep)))
+            elif isinstance(module, nn.Module) and module in self._names and _has_state(module):
+                members.append((self._names[module], self._side(item.dep)))
+        return list(dict.fromkeys(members))
 
     def _check_traceable(self) -> None:
         """Dry run on a copy: remove one channel of every group, then run a forward pass.
@@ -121,135 +184,288 @@ class ChannelGraph:
         (like zero channel padding) makes the pruned model fail. Report it before touching the model.
         """
         trial = copy.deepcopy(self.model)
-        graph = self._build(trial)
-        groups = self._raw_groups(graph, trial)
         try:
-            self._cut_one_channel_each(trial, groups)
+            graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False)
+            groups = graph.groups()
+        except Exception as error:  # DepGraph raises many kinds; name the model, never a bare traceback
+            raise ValueError(f"the channel dependency graph of {type(self.model).__name__} cannot be built: "
+                             f"{type(error).__name__}: {error}") from error
+        try:
+            graph.remove({group.root: [0] for group in groups if group.channels > 1})
+            self._probe(trial)
             return
-        except Exception:  # DepGraph raises many kinds; find the group that breaks, to name it
+        except Exception:  # find the group that breaks, to name it
             pass
         trial = copy.deepcopy(self.model)
-        graph = self._build(trial)
-        names = {module: name for name, module in trial.named_modules()}
-        for group in self._raw_groups(graph, trial):
-            members = [names.get(dep.target.module, "?") for dep, _ in group.items]
+        graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False)
+        for group in graph.groups():
+            if group.channels < 2:
+                continue
             try:
-                self._cut_one_channel_each(trial, [group])
+                graph.remove({group.root: [0]})
+                self._probe(trial)
             except Exception as error:
                 suspects = [name for name, module in trial.named_modules()
                             if next(module.children(), None) is None and not any(True for _ in module.parameters(recurse=False))
                             and type(module).__module__.split(".")[0] != "torch"]
                 hint = f"; parameter-free custom layers that may change channel counts: {', '.join(suspects)}" if suspects else ""
                 raise ValueError(
-                    f"channel surgery cannot handle the layers around {members[0]!r} "
-                    f"(group {', '.join(m for m in members if m != '?')}): {error}{hint}. "
-                    "Register a Torch-Pruning handler for the custom layer, or skip these layers"
+                    f"channel surgery cannot handle the layers around {group.root!r} "
+                    f"(group {', '.join(group.layers)}): {error}{hint}. "
+                    "Register a layer handler (growprune.surgery.handlers) or a Torch-Pruning pruner for the "
+                    "custom layer, or skip these layers"
                 ) from error
 
-    def _cut_one_channel_each(self, model: nn.Module, groups: list[Any]) -> None:
-        for group in groups:
-            if len(group.items[0][1]) > 1:
-                group.prune([0])
+    def _probe(self, model: nn.Module) -> None:
         with torch.no_grad(), preserved_modes(model):
             model.eval()
             model(self.example_inputs)
 
-    def _raw_groups(self, graph: tp.DependencyGraph, model: nn.Module) -> list[Any]:
-        modules = dict(model.named_modules())
-        ignored = [modules[name] for name in self.skip if name in modules]
-        return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
-
     # ------------------------------------------------------------------------------ discovery
-    def groups(self) -> list[ChannelGroup]:
-        """Every prunable channel group of the model (cached until the next :meth:`remove`)."""
-        if self._groups is None:
-            self._groups = self._list_groups()
-        return list(self._groups)
+    def groups(self, skip: Iterable[str] = ()) -> list[ChannelGroup]:
+        """Every channel group whose output layers are not skipped (cached until the next edit).
 
-    def _list_groups(self) -> list[ChannelGroup]:
-        names = {module: name for name, module in self.model.named_modules()}
+        ``skip`` adds layer names to the graph's own ``skip``.
+        """
+        key = frozenset(self._checked_skip(skip)) | self.skip
+        if key not in self._groups:
+            self._groups[key] = self._list_groups(key)
+        return list(self._groups[key])
+
+    def _list_groups(self, skip: frozenset) -> list[ChannelGroup]:
         result = []
-        for group in self._raw_groups(self.graph, self.model):
-            root_dep, root_idxs = group.items[0]
-            members = []
-            for dep, _ in group.items:
-                module = dep.target.module
-                if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
-                    side = "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
-                    members.append((names[module], side))
+        for root in self._root_handlers:
+            if root in self._hidden_roots:
+                continue
+            tp_group = self._tp_group_of(root)
+            members = self._members(tp_group)
+            for coupling in self._couplings.get(root, []):
+                members += self._members(self._tp_group_of(coupling.layer))
             members = list(dict.fromkeys(members))
-            # a skipped layer may lose input channels (the output layer must), never output channels
-            prunable = not any(name in self.skip and side == "out" for name, side in members)
-            result.append(ChannelGroup(names[root_dep.target.module], len(root_idxs), members, prunable))
-        return [group for group in result if group.prunable]
+            prunable = not any(name in skip and side == "out" for name, side in members)
+            if prunable:
+                result.append(ChannelGroup(root, len(tp_group.items[0].idxs), members, prunable))
+        return result
 
     def tp_group(self, root: str) -> Any:
-        """Torch-Pruning's group rooted at layer ``root`` with all channel indices (for scoring)."""
-        if root not in self._handlers:
+        """Torch-Pruning's group rooted at layer ``root`` with all channel indices (for scoring).
+
+        For a group that feeds a depthwise convolution with multiplier > 1 this is the group up to
+        that convolution's inputs; layers after it are not part of the scoring group.
+        """
+        if root not in self._root_handlers or root in self._hidden_roots:
             raise ValueError(f"no channel group is rooted at {root!r}")
-        module = self.model.get_submodule(root)
-        channels = next(group.channels for group in self.groups() if group.root == root)
-        return self.graph.get_pruning_group(module, self._handlers[root], list(range(channels)))
+        return self._tp_group_of(root)
 
     # -------------------------------------------------------------------------------- surgery
-    def remove(self, plan: dict[str, Sequence[int]]) -> dict[nn.Parameter, ParameterChange]:
+    def remove(self, plan: dict[str, Sequence[int]]) -> dict[str, ParameterChange]:
         """Remove channels: ``plan`` maps a group's root layer to the channel indices to drop.
 
-        Returns, for every parameter that was replaced, its :class:`ParameterChange` (old object and
-        kept indices per dimension), for slicing optimizer state and masks.
+        Returns, for every replaced parameter or buffer (by name in the model), its
+        :class:`ParameterChange` (the old tensor and, per dimension, the old index of each entry).
+        Every root and index is checked before anything changes.
         """
         groups = {group.root: group for group in self.groups()}
+        cleaned: dict[str, list[int]] = {}
         for root, indices in plan.items():
             if root not in groups:
                 raise ValueError(f"{root!r} is not the root of a prunable channel group; roots: {', '.join(groups)}")
-            if len(set(indices)) >= groups[root].channels:
-                raise ValueError(f"removing {len(set(indices))} of {groups[root].channels} channels of {root!r} would remove the whole layer")
-        origins: dict[int, tuple[nn.Parameter, list[torch.Tensor | None]]] = {}
+            unique = sorted({int(i) for i in indices})
+            if unique and (unique[0] < 0 or unique[-1] >= groups[root].channels):
+                raise ValueError(f"channel indices of {root!r} must lie in 0..{groups[root].channels - 1}, got {unique}")
+            if len(unique) >= groups[root].channels:
+                raise ValueError(f"removing {len(unique)} of {groups[root].channels} channels of {root!r} would remove the whole layer")
+            if unique:
+                cleaned[root] = unique
+        changes: dict[str, ParameterChange] = {}
+        touched: dict[str, nn.Module] = {}
         with preserved_modes(self.model):
-            for root, indices in plan.items():
-                indices = sorted({int(i) for i in indices})
-                if not indices:
-                    continue
-                root_module = self.model.get_submodule(root)
-                group = self.graph.get_pruning_group(root_module, self._handlers[root], indices)
-                before = {}
-                for dep, idxs in group.items:
-                    module = dep.target.module
-                    if isinstance(module, nn.Module):
-                        for key, parameter in module.named_parameters(recurse=False):
-                            before[(module, key)] = (parameter, [_index(i) for i in idxs])
-                group.prune()
-                for (module, key), (old, removed) in before.items():
-                    new = getattr(module, key)
-                    if new is old or new.shape == old.shape:
-                        continue
-                    kept: list[torch.Tensor | None] = []
-                    for dim, (old_size, new_size) in enumerate(zip(old.shape, new.shape)):
-                        if old_size == new_size:
-                            kept.append(None)
-                        else:
-                            drop = set(removed)
-                            kept.append(torch.tensor([i for i in range(old_size) if i not in drop], dtype=torch.long))
-                    first, earlier = origins.pop(id(old), (old, [None] * old.dim()))
-                    composed = [k if e is None else (e if k is None else e[k]) for e, k in zip(earlier, kept)]
-                    origins[id(new)] = (first, composed)
-        self._groups = None  # channel counts changed
-        self._modules = self._module_identity()
-        changes = {}
-        parameters = {id(p): p for p in self.model.parameters()}
-        for new_id, (old, kept) in origins.items():
-            if new_id in parameters:
-                changes[parameters[new_id]] = ParameterChange(old, kept)
+            for root, indices in cleaned.items():
+                tp_group = self._tp_group_of(root, indices)
+                coupled = [(coupling, self._coupled_outputs(tp_group, coupling)) for coupling in self._couplings.get(root, [])]
+                self._apply(tp_group.items, changes, touched, grow=None)
+                for coupling, outputs in coupled:
+                    self._apply(self._tp_group_of(coupling.layer, outputs).items, changes, touched, grow=None)
+            self._check_layers(touched)
+        self._after_edit(rebuild=False)
         return changes
 
-    def history(self) -> list[list[Any]]:
-        """DepGraph's pruning history: ``[root layer, is output-channel pruning, indices]`` per removal."""
-        return [[name, bool(out), [_index(i) for i in idxs]] for name, out, idxs in self.graph.pruning_history()]
+    def add(self, plan: dict[str, int]) -> dict[str, ParameterChange]:
+        """Add channels: ``plan`` maps a group's root layer to how many channels to append.
+
+        New channels go after the root's last channel, and in every member at the position that
+        channel has there (in the middle of a concatenation, as a block after a flatten). They start
+        neutral: zero incoming and outgoing weights, norm scale 1 and shift 0, running mean 0 and
+        variance 1, so the network computes exactly what it did. Returns the changes like
+        :meth:`remove`. Roots and counts are checked before anything changes.
+        """
+        groups = {group.root: group for group in self.groups()}
+        for root, count in plan.items():
+            if root not in groups:
+                raise ValueError(f"{root!r} is not the root of a channel group that may change; roots: {', '.join(groups)}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"the number of channels to add to {root!r} must be an integer >= 0, got {count!r}")
+            self._check_growable(root)
+        changes: dict[str, ParameterChange] = {}
+        touched: dict[str, nn.Module] = {}
+        with preserved_modes(self.model):
+            for root, count in plan.items():
+                if count == 0:
+                    continue
+                tp_group = self._tp_group_of(root)
+                last = groups[root].channels - 1
+                coupled = []
+                for coupling in self._couplings.get(root, []):
+                    outputs = self._coupled_outputs(tp_group, coupling, root_channels=[last])
+                    coupled.append((self._tp_group_of(coupling.layer), max(outputs), count * coupling.multiplier))
+                self._apply(tp_group.items, changes, touched, grow=(last, count))
+                for coupled_group, last_output, coupled_count in coupled:
+                    self._apply(coupled_group.items, changes, touched, grow=(last_output, coupled_count))
+                # DepGraph cannot grow its own bookkeeping (concatenation sizes): build it anew
+                self._after_edit(rebuild=True)
+                groups = {group.root: group for group in self.groups()}
+            self._check_layers(touched)
+        return changes
+
+    def _check_growable(self, root: str) -> None:
+        for name, _ in self._members(self._tp_group_of(root)):
+            module = self.model.get_submodule(name) if not isinstance(self._find_tensor(name), nn.Parameter) else None
+            if module is None or handler_for(module) is None:
+                kind = "a bare parameter" if module is None else type(module).__name__
+                raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is {kind}, which has no "
+                                 "growprune layer handler (register one with growprune.surgery.handlers.register_layer_handler)")
+            if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
+                raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is a grouped convolution "
+                                 f"({module.groups} groups of several channels); growing grouped convolutions is not supported")
+
+    def _find_tensor(self, name: str) -> Any:
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return self.model.get_submodule(name)
+
+    def _coupled_outputs(self, tp_group: Any, coupling: _Coupling, root_channels: Sequence[int] | None = None) -> list[int]:
+        """Output channels of a multiplier-m depthwise conv fed by the given root channels of ``tp_group``."""
+        module = self.model.get_submodule(coupling.layer)
+        for item in tp_group.items:
+            if item.dep.target.module is module and self._side(item.dep) == "in":
+                inputs = [i for i, r in zip(item.idxs, item.root_idxs) if root_channels is None or r in root_channels]
+                return [i * coupling.multiplier + k for i in inputs for k in range(coupling.multiplier)]
+        raise RuntimeError(f"depthwise layer {coupling.layer!r} is not in the group that feeds it")
+
+    def _apply(self, items: Sequence[Any], changes: dict[str, ParameterChange], touched: dict[str, nn.Module],
+               grow: tuple[int, int] | None) -> None:
+        """Apply one DepGraph group: removal of each item's indices, or growth after root channel ``grow[0]``."""
+        done: set[tuple[int, str]] = set()
+        for item in items:
+            dep, indices = item.dep, list(item.idxs)
+            target = dep.target.module
+            side = self._side(dep)
+            if isinstance(target, nn.Parameter):
+                if grow is not None:
+                    raise ValueError("cannot add channels to a bare parameter")
+                self._remove_from_parameter(dep, indices, changes)
+                continue
+            if not _has_state(target):
+                if grow is None:
+                    dep(indices)  # DepGraph's own bookkeeping (concatenation and split offsets)
+                continue
+            name = self._names[target]
+            handler = handler_for(target)
+            depthwise = isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and target.groups == target.out_channels
+            key = (id(target), "out" if depthwise else side)
+            if key in done:
+                continue
+            done.add(key)
+            touched[name] = target
+            if handler is None:
+                self._remove_with_depgraph(dep, indices, name, target, changes)
+                continue
+            size = handler.size(target, side)
+            if grow is None:
+                index = kept_index(size, indices)
+            else:
+                last, count = grow
+                positions = [i for i, r in zip(item.idxs, item.root_idxs) if r == last]
+                if not positions:
+                    continue  # this member does not see the root's last channel (e.g. another split part)
+                index = inserted_index(size, max(positions), count * len(positions))
+            self._record(name, target, handler.remap(target, side, index), changes)
+
+    @staticmethod
+    def _record(name: str, module: Any, tensor_changes: dict[str, ParameterChange], changes: dict[str, ParameterChange]) -> None:
+        for key, change in tensor_changes.items():
+            full = f"{name}.{key}" if name else key
+            new_shape = getattr(module, key).shape
+            if full in changes:
+                changes[full] = changes[full].then(change, change.old.shape, new_shape)
+            else:
+                changes[full] = change
+
+    def _remove_with_depgraph(self, dep: Any, indices: list[int], name: str, module: nn.Module,
+                              changes: dict[str, ParameterChange]) -> None:
+        """A layer type without a growprune handler: DepGraph's function, changes inferred per tensor."""
+        before = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        dep(indices)
+        after = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        self._record(name, module, self._inferred(name, before, after, indices), changes)
+
+    def _remove_from_parameter(self, dep: Any, indices: list[int], changes: dict[str, ParameterChange]) -> None:
+        """A bare ``nn.Parameter`` used in a forward (e.g. layer scale), replaced as DepGraph does it."""
+        old = dep.target.module
+        name = self.graph._param_to_name.pop(old)
+        new = dep(indices)
+        owner_name, _, key = name.rpartition(".")
+        owner = self.model.get_submodule(owner_name) if owner_name else self.model
+        setattr(owner, key, new)
+        self.graph._param_to_name[new] = name
+        self.graph.module2node[new] = self.graph.module2node.pop(old)
+        self.graph.module2node[new].module = new
+        inferred = self._inferred(owner_name, {key: old}, {key: new}, indices)
+        self._record(owner_name, owner, inferred, changes)
+
+    def _inferred(self, name: str, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                  indices: list[int]) -> dict[str, ParameterChange]:
+        inferred = {}
+        for key, old in before.items():
+            new = after.get(key)
+            if new is None or new is old or new.shape == old.shape:
+                continue
+            maps: list[torch.Tensor | None] = []
+            mapped = True
+            for old_size, new_size in zip(old.shape, new.shape):
+                if old_size == new_size:
+                    maps.append(None)
+                elif old_size - new_size == len(indices):
+                    maps.append(kept_index(old_size, indices))
+                else:
+                    mapped = False
+                    break
+            if mapped:
+                inferred[key] = ParameterChange(old, maps)
+            else:
+                self.unmapped.append(f"{name}.{key}" if name else key)
+        return inferred
+
+    def _check_layers(self, touched: dict[str, nn.Module]) -> None:
+        for name, module in touched.items():
+            handler = handler_for(module)
+            if handler is not None:
+                handler.check(module, name)
+
+    def _after_edit(self, rebuild: bool) -> None:
+        self._tp_groups = None
+        if rebuild:
+            self._build()
+        else:
+            self._groups = {}  # channel counts changed
+            self._names = {module: name for name, module in self.model.named_modules()}
+            self._modules = self._module_identity()
 
 
-def replay_channel_edits(model: nn.Module, example_inputs: torch.Tensor, history: list[list[Any]]) -> nn.Module:
-    """Apply a recorded pruning history (from edit-log records) to a fresh base architecture."""
-    with preserved_modes(model), torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        graph.load_pruning_history(history)
-    return model
+def new_entries(change: ParameterChange, dim: int = 0) -> torch.Tensor:
+    """Positions along ``dim`` that a change added (for growth initialisers)."""
+    index = change.index[dim] if change.index else None
+    if index is None:
+        return torch.empty(0, dtype=torch.long)
+    return torch.nonzero(index == NEW).flatten()

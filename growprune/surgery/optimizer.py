@@ -17,40 +17,12 @@ Train/eval modes and ``requires_grad`` flags are the surgery's to keep: wrap the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-
-
-@dataclass
-class ParameterChange:
-    """How a new parameter relates to an old one.
-
-    ``kept`` lists, per dimension, the old indices that the new parameter holds in order (``None``:
-    the whole dimension). Entries of a larger new parameter beyond the kept ones start at zero state.
-    """
-
-    old: nn.Parameter
-    kept: Sequence[torch.Tensor | None] | None = None
-
-
-def _carry_tensor(
-    old: torch.Tensor, new_shape: torch.Size, kept: Sequence[torch.Tensor | None] | None, fill: float = 0.0
-) -> torch.Tensor:
-    """Old tensor cut to ``kept`` indices, placed at the start of a ``fill``-valued tensor of ``new_shape``."""
-    if old.shape == new_shape and kept is None:
-        return old.clone()
-    sliced = old
-    for dim, indices in enumerate(kept or []):
-        if indices is not None:
-            sliced = sliced.index_select(dim, indices.to(old.device))
-    result = torch.full(new_shape, fill, dtype=old.dtype, device=old.device)
-    region = tuple(slice(0, min(a, b)) for a, b in zip(sliced.shape, new_shape))
-    result[region] = sliced[region]
-    return result
+from growprune.surgery.changes import ParameterChange
 
 
 def carry_optimizer_state(
@@ -75,30 +47,34 @@ def carry_optimizer_state(
             carried = {}
             for key, value in old_optimizer.state[old].items():
                 if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
-                    carried[key] = _carry_tensor(value, parameter.shape, change.kept if change else None)
+                    carried[key] = change.carry(value, parameter.shape) if change is not None else value.clone()
                 else:
                     carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
             new_optimizer.state[parameter] = carried
 
 
-def carry_masks(pl_module: Any, changes: dict[nn.Parameter, ParameterChange]) -> None:
-    """Move unstructured masks onto changed parameters (sliced like them; grown entries unmasked).
+def carry_masks(pl_module: Any, changes: Mapping[str, ParameterChange], renamed: Mapping[str, str] | None = None) -> None:
+    """Move unstructured masks (keyed by parameter name) through a structural change.
 
-    Masks are keyed by parameter name; a mask whose parameter no longer exists is dropped.
+    ``changes`` and ``renamed`` are keyed by tensor name in ``pl_module.model``: a changed
+    parameter's mask moves with its entries (new entries unmasked), a renamed one follows its
+    parameter, a mask whose parameter no longer exists is dropped.
     """
     if not getattr(pl_module, "masks", None):
         return
+    renamed = renamed or {}
     carried = {}
     for name, mask in pl_module.masks.items():
+        name = renamed.get(name, name)
         parameter = _parameter_or_none(pl_module.model, name)
         if parameter is None:
             continue
-        change = changes.get(parameter)
+        change = changes.get(name)
         if change is not None and change.old.shape == mask.shape:
-            carried[name] = _carry_tensor(mask, parameter.shape, change.kept, fill=1.0).to(parameter.device)
+            carried[name] = change.carry(mask, parameter.shape, fill=1.0).to(parameter.device)
         elif change is None and parameter.shape == mask.shape:
             carried[name] = mask
-    pl_module.masks = carried
+    pl_module._masks = carried
 
 
 def _parameter_or_none(model: nn.Module, name: str) -> nn.Parameter | None:
@@ -122,14 +98,18 @@ def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
         optimizer.state.clear()
 
 
-def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, ParameterChange] | None = None) -> None:
+def repair_training(trainer: Any, pl_module: Any, changes: Any = None) -> None:
     """Rebuild optimizers and schedulers after parameter objects changed, keeping their state.
 
-    Call after the model was edited in place; ``changes`` maps each new parameter to the old one
-    it replaces (with the kept indices), so optimizer state and masks follow it.
+    Call after the model was edited in place. ``changes`` says how the new parameters relate to
+    the old ones, so optimizer state and masks follow them: an
+    :class:`~growprune.surgery.edits.EditResult`, or a dict of :class:`ParameterChange` keyed by
+    parameter name in ``pl_module.model`` or by the new ``nn.Parameter`` object.
+    (``GrowPruneModule.apply_edit`` calls this for you.)
     """
-    if changes:
-        carry_masks(pl_module, changes)
+    by_name, renamed = _changes_by_name(pl_module, changes)
+    if by_name or renamed:
+        carry_masks(pl_module, by_name, renamed)
     if hasattr(pl_module, "invalidate_mask_cache"):
         pl_module.invalidate_mask_cache()
     strategy = trainer.strategy
@@ -137,8 +117,13 @@ def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, Pa
     old_schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
     _rewrap_distributed(strategy, pl_module)
     strategy.setup_optimizers(trainer)
+    by_parameter = {}
+    for name, change in by_name.items():
+        parameter = _parameter_or_none(pl_module.model, name)
+        if parameter is not None:
+            by_parameter[parameter] = change
     for old, new in zip(old_optimizers, trainer.optimizers):
-        carry_optimizer_state(old, new, changes)
+        carry_optimizer_state(old, new, by_parameter)
     for config, state in zip(trainer.lr_scheduler_configs, old_schedulers):
         config.scheduler.load_state_dict(state)
         # the scheduler's constructor reset the LR to its base; put the current one back
@@ -146,6 +131,24 @@ def repair_training(trainer: Any, pl_module: Any, changes: dict[nn.Parameter, Pa
         if last_lrs:
             for group, lr in zip(config.scheduler.optimizer.param_groups, last_lrs):
                 group["lr"] = lr
+
+
+def _changes_by_name(pl_module: Any, changes: Any) -> tuple[dict[str, ParameterChange], dict[str, str]]:
+    """Normalise the accepted forms of ``changes`` to (name -> change, old name -> new name)."""
+    if changes is None:
+        return {}, {}
+    if hasattr(changes, "changes") and hasattr(changes, "renamed"):  # an EditResult
+        return dict(changes.changes), dict(changes.renamed)
+    names = {id(parameter): name for name, parameter in pl_module.model.named_parameters()}
+    by_name = {}
+    for key, change in changes.items():
+        if isinstance(key, str):
+            by_name[key] = change
+        elif id(key) in names:
+            by_name[names[id(key)]] = change
+        else:
+            raise ValueError("a change is keyed by a parameter that is not in the model")
+    return by_name, {}
 
 
 def _rewrap_distributed(strategy: Any, pl_module: nn.Module) -> None:

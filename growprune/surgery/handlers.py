@@ -1,0 +1,406 @@
+"""Per-layer-type surgery: how one layer's input or output channels change, for pruning AND growth.
+
+One :class:`LayerHandler` per layer type knows where the layer keeps its channels (which
+dimension of which parameter or buffer) and how to move them. Its single primitive is a *remap*
+of one side (``"out"`` or ``"in"``) through an index map (``new index -> old index``, with
+:data:`~growprune.surgery.changes.NEW` for new channels, see :mod:`growprune.surgery.changes`):
+
+* removing channels is a remap that keeps the others (``kept_index``);
+* adding channels is a remap with new entries, appended or inserted in the middle
+  (``inserted_index``), the exact inverse;
+* resizing a layer to the shapes stored in a checkpoint is a remap to the stored size.
+
+Layers are edited in place (same module object, new parameter tensors), and every remap returns
+a :class:`~growprune.surgery.changes.ParameterChange` per replaced tensor, so optimizer state,
+masks and snapshots follow the channels. New entries start *neutral*: weights and biases 0, norm
+scales 1, running means 0 and running variances 1; growth initialisers overwrite them.
+
+Handled: ``nn.Linear``, every ``nn.Conv*`` and ``nn.ConvTranspose*`` (grouped and depthwise
+convolutions, any channel multiplier), ``_BatchNorm``, ``_InstanceNorm``, ``GroupNorm``,
+``LayerNorm``, ``PReLU`` and ``Embedding``. Register your own layer type with
+:func:`register_layer_handler`::
+
+    class ScaleHandler(LayerHandler):
+        def out_channels(self, module):
+            return module.scale.shape[0]
+
+        def remap(self, module, side, index):
+            return {"scale": replace_tensor(module, "scale", 0, index, fill=1.0)}
+
+    register_layer_handler(MyScale, ScaleHandler())
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from growprune.surgery.changes import NEW, ParameterChange
+
+SIDES = ("out", "in")
+
+
+# ------------------------------------------------------------------------------ tensor surgery
+def remapped(tensor: torch.Tensor, dim: int, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``tensor`` with dimension ``dim`` rebuilt through ``index`` (new entries ``fill``), same dtype/device."""
+    index = index.to(tensor.device)
+    result = tensor.detach().index_select(dim, index.clamp_min(0))
+    is_new = index < 0
+    if bool(is_new.any()):
+        shape = [1] * tensor.dim()
+        shape[dim] = -1
+        result = result.masked_fill(is_new.view(shape), fill)
+    return result.contiguous()
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` of ``module`` by ``value`` (a parameter keeps requires_grad)."""
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(f"{type(module).__name__} has no parameter or buffer named {name!r}")
+
+
+def replace_tensor(module: nn.Module, name: str, dim: int, index: torch.Tensor, fill: float = 0.0) -> ParameterChange:
+    """Remap dimension ``dim`` of parameter/buffer ``name`` through ``index``; return the change."""
+    old = getattr(module, name)
+    dim = dim % old.dim()
+    maps: list[torch.Tensor | None] = [None] * old.dim()
+    maps[dim] = index.cpu().long()
+    set_tensor(module, name, remapped(old, dim, index, fill))
+    return ParameterChange(old, maps)
+
+
+def _grown_or_cut(current: int, size: int) -> torch.Tensor:
+    """The map from ``current`` to ``size`` entries that keeps the first ones and appends new ones."""
+    return torch.tensor([i if i < current else NEW for i in range(size)], dtype=torch.long)
+
+
+def _check_index(index: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    if index.numel() == 0:
+        raise ValueError(f"{what}: a layer cannot lose all of its channels")
+    old = index[index >= 0]
+    if bool((index < NEW).any()) or (old.numel() and int(old.max()) >= size):
+        raise ValueError(f"{what}: index map refers to channels outside 0..{size - 1}")
+    if old.unique().numel() != old.numel():
+        raise ValueError(f"{what}: index map repeats an old channel")
+    return index
+
+
+# ------------------------------------------------------------------------------------ handlers
+class LayerHandler:
+    """How one layer type's channels change. Subclass it for a custom layer (see the module docstring).
+
+    ``out_channels``/``in_channels`` give the current sizes (``in_channels`` is ``None`` for layers
+    whose input and output channels are the same, e.g. norms: they change with either side).
+    ``remap`` moves one side through an index map and returns the changes by tensor name;
+    ``check`` validates the layer after a whole group was changed (e.g. channels divisible by groups).
+    """
+
+    def out_channels(self, module: nn.Module) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must implement out_channels()")
+
+    def in_channels(self, module: nn.Module) -> int | None:
+        return None
+
+    def remap(self, module: nn.Module, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        raise NotImplementedError(f"{type(self).__name__} must implement remap()")
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise ``ValueError`` naming the layer if it is no longer consistent."""
+
+    def size(self, module: nn.Module, side: str) -> int:
+        size = self.out_channels(module) if side == "out" else self.in_channels(module)
+        return self.out_channels(module) if size is None else size
+
+    def resize(self, module: nn.Module, shapes: Mapping[str, torch.Size], name: str) -> None:
+        """Resize to the tensor shapes of a checkpoint (values are loaded afterwards)."""
+        targets = self.sizes_from_shapes(module, shapes)
+        for side, size in targets.items():
+            current = self.size(module, side)
+            if size != current:
+                self.remap(module, side, _grown_or_cut(current, size))
+        self.check(module, name)
+        for key, shape in shapes.items():
+            if key in dict(module.named_parameters(recurse=False)) or key in dict(module.named_buffers(recurse=False)):
+                if getattr(module, key).shape != shape:
+                    raise ValueError(f"layer {name!r} ({type(module).__name__}): cannot resize {key!r} to {tuple(shape)}")
+
+    def sizes_from_shapes(self, module: nn.Module, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        """The channel counts per side that stored tensor shapes imply."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resize from stored shapes")
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear``: output units are rows of ``weight`` (and ``bias``), inputs its columns."""
+
+    def out_channels(self, module: nn.Linear) -> int:
+        return module.out_features
+
+    def in_channels(self, module: nn.Linear) -> int:
+        return module.in_features
+
+    def remap(self, module: nn.Linear, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        if side == "out":
+            index = _check_index(index, module.out_features, "linear output")
+            changes = {"weight": replace_tensor(module, "weight", 0, index)}
+            if module.bias is not None:
+                changes["bias"] = replace_tensor(module, "bias", 0, index)
+            module.out_features = int(index.numel())
+            return changes
+        index = _check_index(index, module.in_features, "linear input")
+        module.in_features = int(index.numel())
+        return {"weight": replace_tensor(module, "weight", 1, index)}
+
+    def sizes_from_shapes(self, module: nn.Linear, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        out_features, in_features = shapes["weight"]
+        return {"out": int(out_features), "in": int(in_features)}
+
+
+class ConvHandler(LayerHandler):
+    """Every ``nn.Conv*`` and ``nn.ConvTranspose*``, grouped and depthwise included.
+
+    A convolution with ``groups`` g keeps g separate input slices. Three cases:
+
+    * ordinary (g = 1): output channels are ``weight`` rows (columns for transposed convs), inputs
+      the other dimension;
+    * *depthwise family* (g = in_channels, one input channel per group, any multiplier
+      m = out_channels / g): an input channel is a whole group. Changing inputs changes g; the
+      m outputs of each group must change with it (the channel graph couples them);
+    * grouped (g > 1, several inputs per group): every group must keep the same number of inputs;
+      each output channel keeps the input slice of its own group.
+    """
+
+    def out_channels(self, module: nn.modules.conv._ConvNd) -> int:
+        return module.out_channels
+
+    def in_channels(self, module: nn.modules.conv._ConvNd) -> int:
+        return module.in_channels
+
+    @staticmethod
+    def is_depthwise(module: nn.modules.conv._ConvNd) -> bool:
+        """One input channel per group (depthwise, with any channel multiplier)."""
+        return module.groups > 1 and module.groups == module.in_channels
+
+    def remap(self, module: nn.modules.conv._ConvNd, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        if module.transposed and module.groups > 1:
+            raise ValueError("growprune cannot change the channels of a grouped transposed convolution")
+        if side == "out":
+            index = _check_index(index, module.out_channels, "convolution output")
+            if self.is_depthwise(module) and module.out_channels == module.groups:
+                # multiplier 1: output channel i IS input channel i (DepGraph couples both sides)
+                module.in_channels = module.groups = int(index.numel())
+            changes = {"weight": replace_tensor(module, "weight", 1 if module.transposed else 0, index)}
+            if module.bias is not None:
+                changes["bias"] = replace_tensor(module, "bias", 0, index)
+            module.out_channels = int(index.numel())
+            return changes
+        index = _check_index(index, module.in_channels, "convolution input")
+        if self.is_depthwise(module):
+            if module.out_channels == module.groups:
+                return self.remap(module, "out", index)
+            # multiplier > 1: only the group count changes here; the outputs follow through the graph
+            module.in_channels = module.groups = int(index.numel())
+            return {}
+        if module.groups == 1:
+            module.in_channels = int(index.numel())
+            return {"weight": replace_tensor(module, "weight", 0 if module.transposed else 1, index)}
+        return self._remap_grouped_inputs(module, index)
+
+    def _remap_grouped_inputs(self, module: nn.modules.conv._ConvNd, index: torch.Tensor) -> dict[str, ParameterChange]:
+        groups, per_group = module.groups, module.in_channels // module.groups
+        if index.numel() % groups:
+            raise ValueError(
+                f"grouped convolution ({groups} groups): {index.numel()} input channels cannot be split into equal groups"
+            )
+        new_per_group = index.numel() // groups
+        local = index.view(groups, new_per_group).clone()
+        for group in range(groups):
+            old = local[group][local[group] >= 0]
+            if bool(((old < group * per_group) | (old >= (group + 1) * per_group)).any()):
+                raise ValueError(
+                    f"grouped convolution ({groups} groups of {per_group} inputs): a channel would move to another "
+                    "group; every group must keep its own channels"
+                )
+            local[group] = torch.where(local[group] >= 0, local[group] - group * per_group, local[group])
+        old_weight = module.weight
+        out_per_group = module.out_channels // groups
+        rows = local.repeat_interleave(out_per_group, dim=0)  # (out_channels, new_per_group)
+        kernel = old_weight.shape[2:]
+        gather = rows.clamp_min(0).view(*rows.shape, *([1] * len(kernel))).expand(-1, -1, *kernel).to(old_weight.device)
+        values = old_weight.detach().gather(1, gather)
+        values = values.masked_fill((rows < 0).view(*rows.shape, *([1] * len(kernel))).to(values.device), 0.0)
+        # flat map: new (o, j, k...) -> old (o, local[o, j], k...)
+        kernel_size = int(torch.tensor(kernel).prod()) if len(kernel) else 1
+        out_index = torch.arange(module.out_channels).view(-1, 1, 1)
+        within = torch.arange(kernel_size).view(1, 1, -1)
+        flat = (out_index * per_group + rows.unsqueeze(-1)) * kernel_size + within
+        flat = torch.where(rows.unsqueeze(-1) >= 0, flat, torch.full_like(flat, NEW))
+        set_tensor(module, "weight", values.contiguous())
+        module.in_channels = int(index.numel())
+        return {"weight": ParameterChange(old_weight, flat=flat.reshape(-1))}
+
+    def check(self, module: nn.modules.conv._ConvNd, name: str) -> None:
+        if module.in_channels % module.groups or module.out_channels % module.groups:
+            raise ValueError(
+                f"convolution {name!r} would have {module.in_channels} input and {module.out_channels} output channels, "
+                f"not divisible by its {module.groups} groups"
+            )
+        expected = (module.in_channels, module.out_channels // module.groups) if module.transposed else \
+            (module.out_channels, module.in_channels // module.groups)
+        if tuple(module.weight.shape[:2]) != expected:
+            raise ValueError(f"convolution {name!r}: weight of shape {tuple(module.weight.shape)} does not match its channels")
+
+    def resize(self, module: nn.modules.conv._ConvNd, shapes: Mapping[str, torch.Size], name: str) -> None:
+        first, second = (int(size) for size in shapes["weight"][:2])
+        if module.transposed:
+            in_channels, out_channels = first, second * module.groups
+        else:
+            out_channels, in_channels = first, second * module.groups
+        if self.is_depthwise(module):
+            # keep the channel multiplier: the stored outputs tell how many groups there are now
+            multiplier = module.out_channels // module.groups
+            module.in_channels = module.groups = out_channels // multiplier
+            in_channels = module.in_channels
+        if module.out_channels != out_channels:
+            self._remap_out_plain(module, _grown_or_cut(module.out_channels, out_channels))
+        if module.in_channels != in_channels:
+            per_group, new_per_group = module.in_channels // module.groups, in_channels // module.groups
+            index = torch.tensor([g * per_group + t if t < per_group else NEW
+                                  for g in range(module.groups) for t in range(new_per_group)], dtype=torch.long)
+            if module.groups == 1:
+                self.remap(module, "in", index)
+            else:
+                self._remap_grouped_inputs(module, index)
+        self.check(module, name)
+
+    def _remap_out_plain(self, module: nn.modules.conv._ConvNd, index: torch.Tensor) -> None:
+        replace_tensor(module, "weight", 1 if module.transposed else 0, index)
+        if module.bias is not None:
+            replace_tensor(module, "bias", 0, index)
+        module.out_channels = int(index.numel())
+
+
+class NormHandler(LayerHandler):
+    """Batch, instance and group norm: one entry per channel in scale, shift and running statistics."""
+
+    #: fill value of new entries, per tensor name (neutral: an added channel is normalised as usual)
+    FILL = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+    def out_channels(self, module: nn.Module) -> int:
+        return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+
+    def remap(self, module: nn.Module, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        index = _check_index(index, self.out_channels(module), f"{type(module).__name__}")
+        changes = {}
+        for key, fill in self.FILL.items():
+            if getattr(module, key, None) is not None:
+                changes[key] = replace_tensor(module, key, 0, index, fill)
+        if isinstance(module, nn.GroupNorm):
+            module.num_channels = int(index.numel())
+        else:
+            module.num_features = int(index.numel())
+        return changes
+
+    def check(self, module: nn.Module, name: str) -> None:
+        if isinstance(module, nn.GroupNorm) and module.num_channels % module.num_groups:
+            raise ValueError(f"group norm {name!r}: {module.num_channels} channels are not divisible by its {module.num_groups} groups")
+
+    def sizes_from_shapes(self, module: nn.Module, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        key = next(key for key in ("weight", "running_mean") if key in shapes)
+        return {"out": int(shapes[key][0])}
+
+
+class LayerNormHandler(LayerHandler):
+    """``nn.LayerNorm``: channels are the LAST normalised dimension (as in channels-last blocks)."""
+
+    def out_channels(self, module: nn.LayerNorm) -> int:
+        return module.normalized_shape[-1]
+
+    def remap(self, module: nn.LayerNorm, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        index = _check_index(index, self.out_channels(module), "layer norm")
+        changes = {}
+        for key, fill in (("weight", 1.0), ("bias", 0.0)):
+            if getattr(module, key, None) is not None:
+                changes[key] = replace_tensor(module, key, -1, index, fill)
+        module.normalized_shape = (*module.normalized_shape[:-1], int(index.numel()))
+        return changes
+
+    def sizes_from_shapes(self, module: nn.LayerNorm, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        return {"out": int(shapes["weight"][-1])}
+
+
+class PReLUHandler(LayerHandler):
+    """``nn.PReLU`` with one slope per channel (a single shared slope has no channels)."""
+
+    def out_channels(self, module: nn.PReLU) -> int:
+        return module.num_parameters
+
+    def remap(self, module: nn.PReLU, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        if module.num_parameters == 1:
+            return {}
+        index = _check_index(index, module.num_parameters, "PReLU")
+        change = replace_tensor(module, "weight", 0, index, 0.25)
+        module.num_parameters = int(index.numel())
+        return {"weight": change}
+
+    def sizes_from_shapes(self, module: nn.PReLU, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        return {"out": int(shapes["weight"][0])}
+
+
+class EmbeddingHandler(LayerHandler):
+    """``nn.Embedding``: channels are the embedding dimension (the vocabulary never changes)."""
+
+    def out_channels(self, module: nn.Embedding) -> int:
+        return module.embedding_dim
+
+    def remap(self, module: nn.Embedding, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        index = _check_index(index, module.embedding_dim, "embedding")
+        change = replace_tensor(module, "weight", 1, index)
+        module.embedding_dim = int(index.numel())
+        return {"weight": change}
+
+    def sizes_from_shapes(self, module: nn.Embedding, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        return {"out": int(shapes["weight"][1])}
+
+
+# ------------------------------------------------------------------------------------ registry
+_HANDLERS: dict[type, LayerHandler] = {}
+
+
+def register_layer_handler(layer_type: type, handler: LayerHandler) -> None:
+    """Use ``handler`` for ``layer_type`` and its subclasses (the most specific registration wins)."""
+    if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
+        raise TypeError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if not isinstance(handler, LayerHandler):
+        raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
+    _HANDLERS[layer_type] = handler
+
+
+def unregister_layer_handler(layer_type: type) -> None:
+    """Forget the handler registered for exactly ``layer_type``."""
+    _HANDLERS.pop(layer_type, None)
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler of ``module``'s type (by method resolution order), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
+register_layer_handler(nn.Linear, LinearHandler())
+register_layer_handler(nn.modules.conv._ConvNd, ConvHandler())
+register_layer_handler(nn.modules.batchnorm._BatchNorm, NormHandler())
+register_layer_handler(nn.modules.instancenorm._InstanceNorm, NormHandler())
+register_layer_handler(nn.GroupNorm, NormHandler())
+register_layer_handler(nn.LayerNorm, LayerNormHandler())
+register_layer_handler(nn.PReLU, PReLUHandler())
+register_layer_handler(nn.Embedding, EmbeddingHandler())
