@@ -6,17 +6,21 @@
 Models: LeNet-300-100 and LeNet-5 on MNIST-shaped inputs (1x28x28, batch 128; random tensors:
 step time does not depend on the pixel values). Every variant prunes (or not) at the start of
 epoch 0; epoch 0 is warm-up, the others are timed. Target (issue 3): growprune masked <= 1.05x dense.
+Every sample (model x variant x repeat, ms per step) is appended with the run's settings and git
+commit to ``benchmarks/results/masking_overhead.csv`` (``--out`` for another file).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks import records
 from benchmarks.timing import StepTimer, bare_trainer, interleaved_medians, machine, median
 from growprune import GrowPruneModule
 from growprune.schedules import OneShot
@@ -61,8 +65,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
+    parser.add_argument("--out", type=Path, default=records.results_path("masking_overhead"),
+                        help="CSV the raw samples are appended to (default: benchmarks/results/masking_overhead.csv)")
     args = parser.parse_args()
+    env = records.run_info()
     data = loader(args.steps)
+    rows = []
     print(f"machine: {machine()}")
     print(f"batch 128, {args.steps} steps/epoch, {args.epochs - 1} timed epochs, {args.repeats} interleaved repeats")
     print("| model | variant | median ms/step | vs dense |")
@@ -73,6 +81,13 @@ def main() -> None:
         dense = median(samples["dense"])
         for variant, values in samples.items():
             print(f"| {arch} | {variant} | {median(values) * 1e3:.3f} | {median(values) / dense:.3f}x |", flush=True)
+        settings = {"input": "1x28x28 random", "batch_size": 128, "steps_per_epoch": args.steps, "epochs": args.epochs,
+                    "timed_epochs": args.epochs - 1, "repeats": args.repeats, "amount": 0.9,
+                    "optimizer": "SGD lr=0.01 momentum=0.9", "mask_gradients": False,
+                    "statistic": "median over repeats of seconds/step"}
+        rows += records.sample_rows({(arch, v): s for v, s in samples.items()}, ("model", "variant"), "ms_per_step",
+                                    settings, env)
+    print(f"\ncommit {env['commit']}; {records.save_rows(args.out, rows)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ Target (issue): ratio >= 0.9 at batch 1 for globally ranked pruning.
 On a machine shared with other jobs, more torch threads than idle cores measures the OS scheduler
 (OpenMP threads wait for each other at every layer): pass ``--threads 1`` there, and compare
 ratios only within one run (the load changes how much the dense model suffers from cache contention).
+
+Every round's median (model x variant x batch x round, ms) is appended with the variant's options,
+FLOPs, parameters and widths, the run's settings and the git commit to
+``benchmarks/results/structured_latency.csv`` (``--out`` for another file).
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ import argparse
 import functools
 import os
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from benchmarks import records
 from benchmarks.timing import interleaved_medians, machine, median
 from growprune import GrowPruneModule
 from growprune.metrics import count_parameters, dense_flops, measure_latency
@@ -95,9 +101,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64], choices=[1, 64])
     parser.add_argument("--widths", action="store_true", help="also print every variant's channel widths")
+    parser.add_argument("--out", type=Path, default=records.results_path("structured_latency"),
+                        help="CSV the raw samples are appended to (default: benchmarks/results/structured_latency.csv)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    env = records.run_info()
+    rows = []
+    print(f"machine: {machine()}, load average {env['load_start']} at start")
     print(f"input 3x32x32, random weights (seed 0); {args.rounds} interleaved rounds; per round "
           f"{args.repeats_b1} passes at batch 1, {args.repeats_b64} at batch 64;\nms: median of the round medians "
           "±half their interquartile range")
@@ -134,6 +144,17 @@ def main() -> None:
                 cells += [f"{ms * 1e3:.2f} ±{spread(latency[batch][variant]):.0f}%", f"{speed_up:.2f}x",
                           f"{speed_up / flops_reduction:.2f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
+        for batch, per_variant in latency.items():
+            passes, warmup = settings[batch]
+            for variant, values in per_variant.items():
+                row_settings = {"variant_options": records.format_params(VARIANTS[variant] or {}),
+                                "flops": flops[variant], "flops_reduction": round(flops["dense"] / flops[variant], 4),
+                                "params": params[variant], "params_reduction": round(params["dense"] / params[variant], 4),
+                                "widths": " ".join(map(str, widths[variant])) or "-", "input": "3x32x32",
+                                "weights": "random, seed 0", "rounds": args.rounds,
+                                "passes_per_round": passes, "warmup": warmup, "statistic": "median of passes per round"}
+                rows += records.sample_rows({(arch, variant, batch): values}, ("model", "variant", "batch"),
+                                            "round_median_ms", row_settings, env)
         all_widths[arch] = widths
     if args.widths:
         print()
@@ -143,7 +164,7 @@ def main() -> None:
             for variant, values in widths.items():
                 if values:
                     print(f"| {arch} | {variant} | {' '.join(map(str, values))} |")
-    print(f"\nload average {os.getloadavg()[0]:.2f} at end")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at end; commit {env['commit']}; {records.save_rows(args.out, rows)}")
 
 
 if __name__ == "__main__":

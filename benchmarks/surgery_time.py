@@ -21,6 +21,10 @@ re-measurement). Models are rotated between repeats; the tables give medians (an
 ``--profile`` prints cProfile's top functions of one set-up and one step per model. On a machine
 shared with other jobs, pass ``--threads 1``: with more torch threads than idle cores every small
 tensor operation waits for the OS scheduler, and all phases get several times slower and noisier.
+
+Every measurement (model x repeat x phase, ms; the FLOPs reduction reached as a phase of its own)
+is appended with the run's settings and git commit to ``benchmarks/results/surgery_time.csv``
+(``--out`` for another file).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pstats
 import statistics
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import growprune.strategies.structured as structured_module
+from benchmarks import records
 from benchmarks.timing import bare_trainer, machine, median
 from growprune import GrowPruneModule
 from growprune.metrics import count_parameters, dense_flops
@@ -185,11 +191,14 @@ def main() -> None:
     parser.add_argument("--no-trainer", action="store_true", help="skip the run inside Trainer.fit")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per model")
     parser.add_argument("--top", type=int, default=25, help="functions per cProfile listing")
+    parser.add_argument("--out", type=Path, default=records.results_path("surgery_time"),
+                        help="CSV the raw measurements are appended to (default: benchmarks/results/surgery_time.csv)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    env = records.run_info()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no "GPU available" lines per fit
     warnings.filterwarnings("ignore", module="lightning")
-    print(f"machine: {machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    print(f"machine: {machine()}, load average {env['load_start']} at start")
     print(f"StructuredPruning(OneShot(0.5), target='flops'), global L1; input 3x32x32; {args.repeats} repeats, "
           "fresh model each, models rotated; ms: median (min-max)")
     archs = list(MODELS)
@@ -231,6 +240,18 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     reductions = ", ".join(f"{arch} {statistics.median(t['reduction'] for t in manual[arch]):.2f}x" for arch in archs)
     print(f"\nFLOPs reduction reached: {reductions}; load average {os.getloadavg()[0]:.2f} at end")
+    settings = {"strategy": "StructuredPruning(OneShot(0.5), target='flops'), global L1", "input": "3x32x32",
+                "batch_size": BATCH, "optimizer": "SGD lr=0.01 momentum=0.9", "repeats": args.repeats,
+                "trainer": not args.no_trainer}
+    rows = []
+    for arch in archs:
+        for source, runs in (("manual", manual[arch]), ("trainer", in_trainer[arch])):
+            for repeat, times in enumerate(runs):
+                for phase, value in times.items():
+                    rows.append({"model": arch, "repeat": repeat, "phase": phase if source == "manual" else f"trainer {phase}",
+                                 "value": round(value, 3) if phase == "reduction" else round(value * 1e3, 3),
+                                 "unit": "x" if phase == "reduction" else "ms", **settings, **env})
+    print(f"commit {env['commit']}; {records.save_rows(args.out, rows)}")
     if args.profile:
         for arch in archs:
             profile(arch, args.top)

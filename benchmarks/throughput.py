@@ -5,6 +5,8 @@
 Each variant trains the same model (same init, same batches, SGD with momentum) for ``epochs``
 epochs; the first epoch is warm-up, the rest are timed. Variants run interleaved, ``repeats``
 times; the table gives medians. Target (issue 2): growprune within 5 % of plain Lightning.
+Every sample (variant x repeat, ms per step) is appended with the run's settings and git commit to
+``benchmarks/results/throughput.csv`` (``--out`` for another file).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from benchmarks import records
 from benchmarks.timing import StepTimer, bare_trainer, interleaved_medians, machine, median
 from growprune import GrowPruneModule
 from growprune.data import DigitsDataModule
@@ -79,7 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=records.results_path("throughput"),
+                        help="CSV the raw samples are appended to (default: benchmarks/results/throughput.csv)")
     args = parser.parse_args()
+    env = records.run_info()
 
     data = DigitsDataModule(batch_size=64, seed=0)
     data.setup("fit")
@@ -104,6 +111,11 @@ def main() -> None:
     for name, values in samples.items():
         value = median(values)
         print(f"| {name} | {value * 1e3:.3f} | {1 / value:.0f} | {value / lightning_median:.3f}x |")
+    settings = {"model": "lenet_300_100", "data": "digits 8x8", "batch_size": 64, "steps_per_epoch": len(loader),
+                "epochs": args.epochs, "timed_epochs": args.epochs - 1, "repeats": args.repeats,
+                "optimizer": "SGD lr=0.05 momentum=0.9", "statistic": "median over repeats of seconds/step"}
+    rows = records.sample_rows(samples, ("variant",), "ms_per_step", settings, env)
+    print(f"\ncommit {env['commit']}; {records.save_rows(args.out, rows)}")
 
 
 if __name__ == "__main__":

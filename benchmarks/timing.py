@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Callable
 
 import lightning.pytorch as pl
-import torch
+
+from benchmarks.records import machine  # noqa: F401  (the machine line, shared with the accuracy benchmarks)
 
 
 class StepTimer(pl.Callback):
@@ -53,10 +53,6 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int) -> d
         for name in order:
             samples[name].append(runs[name]())
     return samples
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def median(values: list[float]) -> float:

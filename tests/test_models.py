@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from growprune.models import create_model, get_model_builder, list_models, register_model
+from growprune.models import create_model, get_model_builder, list_models, register_model, unregister_model
 
 # Published sizes for 10 classes (LeNet: Han et al. 2015; CIFAR ResNets: He et al. 2016 option A).
 PUBLISHED = {
@@ -21,6 +21,22 @@ PUBLISHED = {
     "vgg19_bn": (20_040_522, (3, 32, 32)),
     "vgg16": (14_719_818, (3, 32, 32)),
 }
+
+
+def check_registry_unchanged():
+    """Generator: snapshot the registry, yield, then fail if a builder was added, removed or replaced."""
+    before = {name: get_model_builder(name) for name in list_models()}
+    yield
+    after = {name: get_model_builder(name) for name in list_models()}
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    replaced = sorted(name for name in set(after) & set(before) if after[name] is not before[name])
+    assert not (added or removed or replaced), f"registry changed: added {added}, removed {removed}, replaced {replaced}"
+
+
+@pytest.fixture(autouse=True)
+def registry_unchanged():
+    """No test of this module may leave a model registered (or unregistered) behind."""
+    yield from check_registry_unchanged()
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -80,8 +96,48 @@ def test_register_custom_builder_and_reject_duplicate():
     def tiny(num_classes: int = 10, in_channels: int = 1, image_size=(8, 8)) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size[0] * image_size[1], num_classes))
 
-    assert "test_tiny_mlp" in list_models()
-    assert get_model_builder("test_tiny_mlp") is tiny
-    assert create_model("test_tiny_mlp", num_classes=3, image_size=(8, 8))(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
-    with pytest.raises(ValueError, match="already registered"):
-        register_model("test_tiny_mlp")(lambda: nn.Identity())
+    try:
+        assert "test_tiny_mlp" in list_models()
+        assert get_model_builder("test_tiny_mlp") is tiny
+        assert create_model("test_tiny_mlp", num_classes=3, image_size=(8, 8))(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("test_tiny_mlp")(lambda: nn.Identity())
+    finally:
+        assert unregister_model("test_tiny_mlp") is tiny
+    assert "test_tiny_mlp" not in list_models()
+
+
+def test_unregister_model_removes_only_that_name_and_allows_registering_again():
+    before = list_models()
+
+    @register_model("test_unregister_me")
+    def first(num_classes: int = 10) -> nn.Module:
+        return nn.Linear(4, num_classes)
+
+    assert unregister_model("test_unregister_me") is first
+    assert list_models() == before
+    with pytest.raises(ValueError, match="unknown model 'test_unregister_me'"):
+        create_model("test_unregister_me")
+    with pytest.raises(ValueError, match="unknown model 'test_unregister_me'; valid names: .*lenet5"):
+        unregister_model("test_unregister_me")
+
+    @register_model("test_unregister_me")  # the name is free again: no "already registered"
+    def second(num_classes: int = 10) -> nn.Module:
+        return nn.Linear(4, num_classes)
+
+    try:
+        assert create_model("test_unregister_me", num_classes=2)(torch.zeros(1, 4)).shape == (1, 2)
+    finally:
+        unregister_model("test_unregister_me")
+
+
+def test_registry_check_catches_a_leaked_registration():
+    """The check the autouse ``registry_unchanged`` fixture runs fails a test that leaves a model registered."""
+    checker = check_registry_unchanged()
+    next(checker)
+    register_model("test_leaked")(lambda num_classes=10: nn.Identity())
+    try:
+        with pytest.raises(AssertionError, match=r"added \['test_leaked'\]"):
+            next(checker)
+    finally:
+        unregister_model("test_leaked")

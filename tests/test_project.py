@@ -1,8 +1,11 @@
 """Project files users and tools rely on."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,9 +17,94 @@ def test_citation_file_is_valid_cff_1_2_0():
     assert "valid" in result.stdout
 
 
-def test_readme_names_the_two_setup_commands():
+def makefile_recipes(text: str) -> dict[str, list[str]]:
+    """Target -> its recipe lines (tab-indented, stripped), for the plain ``name: deps`` rules of a Makefile."""
+    recipes: dict[str, list[str]] = {}
+    target = None
+    for line in text.splitlines():
+        if line.startswith("\t"):
+            if target is not None:
+                recipes[target].append(line.strip())
+            continue
+        match = re.match(r"^([A-Za-z][\w.-]*)\s*:(?!=)", line)
+        if match:
+            target = match.group(1)
+            recipes[target] = []
+        elif line.strip() and not line.startswith("#"):
+            target = None
+    return recipes
+
+
+def commands(recipe: list[str]) -> list[str]:
+    """A recipe's commands without leading ``VAR=value`` assignments and the ``$(BIN)/`` prefix."""
+    result = []
+    for line in recipe:
+        line = re.sub(r"\s+#.*$", "", line)
+        line = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", line)
+        result.append(line.replace("$(BIN)/", ""))
+    return result
+
+
+def test_readme_setup_commands_are_what_make_and_ci_run():
     readme = (REPO / "README.md").read_text()
-    assert "make demo" in readme and "make test" in readme
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^make demo\b", quickstart, re.M) and re.search(r"^make test\b", quickstart, re.M)
+    recipes = makefile_recipes((REPO / "Makefile").read_text())
+    # `make demo` runs the quickstart fit the README shows under "The command line"
+    assert "growprune fit -c configs/quickstart.yaml" in readme
+    assert commands(recipes["demo"]) == ["growprune fit -c configs/quickstart.yaml"]
+    # `make test` runs pytest with the project's settings (pyproject: slow tests excluded), W&B off
+    assert commands(recipes["test"]) == ["python -m pytest -q"]
+    assert "WANDB_MODE=disabled" in recipes["test"][0]
+    assert recipes["test-slow"] and "-m slow" in recipes["test-slow"][0]
+    # both first build the environment (the stamp target installs the pinned versions)
+    rules = dict(re.findall(r"^(demo|test):\s*(.*)$", (REPO / "Makefile").read_text(), re.M))
+    assert rules == {"demo": "$(STAMP)", "test": "$(STAMP)"}
+    # CI runs exactly the README's test command
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert ci[-1] == "make test" and "set -euo pipefail" in ci
+
+
+def readme_python_blocks() -> list:
+    """Every ```python block of the README as a pytest param; one preceded by ``<!-- not-run: why -->`` is skipped."""
+    text = (REPO / "README.md").read_text()
+    params = []
+    for match in re.finditer(r"(?:<!--\s*not-run:?[ \t]*([^\n]*?)\s*-->[ \t]*\n)?```python\n(.*?)```", text, re.S):
+        line = text[: match.start(2)].count("\n") + 1
+        reason, code = match.group(1), match.group(2)
+        skipped = match.group(0).startswith("<!--")
+        marks = [pytest.mark.skip(reason=f"README.md:{line} is marked not-run: {reason or 'no reason given'}")] if skipped else []
+        params.append(pytest.param(code, id=f"README.md:{line}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("code", readme_python_blocks())
+def test_readme_python_blocks_run(code, tmp_path, monkeypatch):
+    """Each Python example of the README runs as written (in a fresh namespace, in a temporary
+    directory), except that Trainer runs are shortened to 1 epoch; a line ending in a comment that
+    shows a dict (``expr   # {'key': ..., ...}``) must evaluate to a dict with exactly those keys."""
+    from growprune.models import list_models, unregister_model
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shortened = re.sub(r"max_epochs=\d+", "max_epochs=1", code)
+    registered = set(list_models())
+    namespace = {"__name__": "readme_example"}
+    try:
+        exec(compile(shortened, "README.md", "exec"), namespace)
+        for expression, shown in re.findall(r"^(\S.*?)\s+#\s*(\{'.*\})\s*$", shortened, re.M):
+            value = eval(expression, namespace)
+            assert isinstance(value, dict) and set(value) == set(re.findall(r"'([^']+)'", shown)), expression
+    finally:
+        for name in set(list_models()) - registered:  # the registry example registers "my_mlp"
+            unregister_model(name)
+
+
+def test_readme_has_the_examples_this_test_runs():
+    ids = [param.id for param in readme_python_blocks()]
+    texts = [param.values[0] for param in readme_python_blocks()]
+    assert len(ids) >= 3
+    assert any("register_model" in code for code in texts) and any("size_metrics()" in code for code in texts)
 
 
 def test_every_config_parses(capsys, monkeypatch):

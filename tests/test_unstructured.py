@@ -39,18 +39,47 @@ def weight_sparsity(module, name):
 )
 @pytest.mark.parametrize("mask_gradients", [False, True], ids=["weights-only", "gradients-too"])
 def test_pruned_weights_stay_exactly_zero_for_50_steps(tmp_path, optimizer, mask_gradients):
+    from lightning.pytorch.callbacks import Callback
+
     module = lenet(optimizer, mask_gradients)
+    initial = {name: module.model.get_parameter(name).detach().clone() for name in WEIGHTS}
     strategy = UnstructuredPruning(OneShot(amount=0.8, at=1), scope="global")
+
+    class Watch(Callback):
+        """After the strategy: the weights right after pruning; then every step's pruned weights."""
+
+        at_pruning: dict = {}
+        checked_steps = 0
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                Watch.at_pruning = {n: pl_module.model.get_parameter(n).detach().clone() for n in WEIGHTS}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.masks:
+                for n in WEIGHTS:
+                    assert torch.all(pl_module.model.get_parameter(n)[pl_module.masks[n] == 0] == 0), (n, trainer.global_step)
+                Watch.checked_steps += 1
+
     # 5 batches per epoch x 12 epochs = 60 steps, 55 of them after pruning
-    trainer = tiny_trainer(tmp_path, max_epochs=12, callbacks=[strategy])
+    trainer = tiny_trainer(tmp_path, max_epochs=12, callbacks=[strategy, Watch()])
     trainer.fit(module, tiny_data())
     assert trainer.global_step - 5 >= 50
+    assert Watch.checked_steps == trainer.global_step - 5  # pruned weights were exactly zero after EVERY step
     for name in WEIGHTS:
-        weight = module.model.get_parameter(name)
+        weight = module.model.get_parameter(name).detach()
         mask = module.masks[name]
         assert torch.all(weight[mask == 0] == 0), name
-        # the surviving weights did train (not all frozen at zero)
-        assert torch.count_nonzero(weight[mask == 1]) == int(mask.sum())
+        assert torch.all(Watch.at_pruning[name][mask == 0] == 0), name  # zeroed at the pruning step itself
+        # the surviving weights did train: every one of them moved since initialisation and since pruning
+        # (weight decay alone moves each nonzero weight), and none was zeroed
+        survivors = mask == 1
+        assert torch.all(weight[survivors] != initial[name][survivors]), name
+        assert torch.all(weight[survivors] != Watch.at_pruning[name][survivors]), name
+        assert torch.count_nonzero(weight[survivors]) == int(mask.sum())
+        # and by more than rounding: the survivors' mean absolute update is a sizeable share of their size
+        update = (weight[survivors] - Watch.at_pruning[name][survivors]).abs().mean()
+        assert update > 0.01 * Watch.at_pruning[name][survivors].abs().mean(), (name, float(update))
     total_pruned = sum(int((module.masks[n] == 0).sum()) for n in WEIGHTS)
     assert total_pruned / sum(module.masks[n].numel() for n in WEIGHTS) == pytest.approx(0.8, abs=1e-4)
     if not mask_gradients:
@@ -229,14 +258,27 @@ def test_unknown_layer_fails_before_training(tmp_path):
 
 
 def test_two_strategies_in_one_run_need_distinct_names(tmp_path):
-    first = UnstructuredPruning(OneShot(amount=0.5), layers=["1"])
-    second = UnstructuredPruning(OneShot(amount=0.5), layers=["3"])
-    # Lightning refuses two callbacks with one state key (ours is class + name) before set-up
-    with pytest.raises(RuntimeError, match="state_key` must be unique"):
-        tiny_trainer(tmp_path, callbacks=[first, second]).fit(lenet(), tiny_data())
-    second.name = "second"
+    from growprune.strategies import StructuredPruning
+
+    # Different types, one name: Lightning's state keys (class + name) differ, so only growprune's
+    # own check in Strategy.setup stands between them and one metric/edit-log prefix for both.
+    first = UnstructuredPruning(OneShot(amount=0.5), layers=["1"], name="prune")
+    second = StructuredPruning(OneShot(amount=0.5), name="prune")
+    assert first.state_key != second.state_key
     module = lenet()
-    tiny_trainer(tmp_path, callbacks=[first, second]).fit(module, tiny_data())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = tiny_trainer(tmp_path, callbacks=[first, second])
+    with pytest.raises(ValueError, match=r"two strategies are named 'prune'.*: give each its own name="):
+        trainer.fit(module, tiny_data())
+    assert trainer.global_step == 0 and module.edit_log == [] and module.masks == {}
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    # with distinct names two strategies run side by side, each with its own edit-log entries
+    first = UnstructuredPruning(OneShot(amount=0.5), layers=["1"], name="prune")
+    other = UnstructuredPruning(OneShot(amount=0.5), layers=["3"], name="second")
+    module = lenet()
+    tiny_trainer(tmp_path, callbacks=[first, other]).fit(module, tiny_data())
+    assert [record["strategy"] for record in module.edit_log] == ["prune", "second"]
     assert set(module.masks) == {"1.weight", "3.weight"}
 
 

@@ -37,6 +37,16 @@ def register_model(name: str | None = None) -> Callable[[Builder], Builder]:
     return decorator
 
 
+def unregister_model(name: str) -> Callable[..., nn.Module]:
+    """Remove the builder registered as ``name`` and return it (e.g. to undo a registration made
+    for a test or a notebook session); an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in _MODELS:
+        _register_torchvision_models()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(_MODELS))}")
+    return _MODELS.pop(name)
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names (sorted), optionally filtered by a shell-style ``pattern``."""
     _register_torchvision_models()
