@@ -46,6 +46,10 @@ class _Layer:
     depthwise: bool
 
 
+def _step(group: Any) -> int:
+    return int(getattr(group, "step", 1) or 1)
+
+
 def original_size(model: nn.Module, input_shape: Sequence[int], groups: Sequence[Any]) -> dict[str, Any]:
     """What targets are fractions of: channels per group root, total parameters, dense FLOPs."""
     return {
@@ -92,18 +96,20 @@ class ChannelPlanner:
             raise ValueError(f"max_fraction must lie in (0, 1], got {self.max_fraction}")
 
     # ------------------------------------------------------------------------------ budget
-    def kept_count(self, kept: int, channels: int) -> int:
-        """Channels a group keeps when asked to keep ``kept``: at least ``min_channels``, rounded up."""
+    def kept_count(self, kept: int, channels: int, step: int = 1) -> int:
+        """Channels a group keeps when asked to keep ``kept``: at least ``min_channels``, rounded up
+        to a multiple of ``round_to`` and of the group's own ``step`` (e.g. attention heads)."""
         kept = max(kept, self.min_channels)
-        if self.round_to:
-            kept = min(channels, math.ceil(kept / self.round_to) * self.round_to)
+        multiple = math.lcm(self.round_to or 1, step)
+        if multiple > 1:
+            kept = min(channels, math.ceil(kept / multiple) * multiple)
         return min(kept, channels)
 
     def caps(self, groups: Sequence[Any], original: dict[str, Any], excluded: set[str] = frozenset()) -> dict[str, int]:
         """The most channels each group may lose now (min_channels, round_to, max_fraction, exclusions)."""
         caps = {}
         for group in groups:
-            cap = 0 if group.root in excluded else group.channels - self.kept_count(self.min_channels, group.channels)
+            cap = 0 if group.root in excluded else group.channels - self.kept_count(self.min_channels, group.channels, _step(group))
             if self.max_fraction < 1.0:
                 keep_at_least = math.ceil((1.0 - self.max_fraction) * original["channels"].get(group.root, group.channels))
                 cap = min(cap, group.channels - keep_at_least)
@@ -174,11 +180,11 @@ class ChannelPlanner:
         caps = self.caps(groups, original, excluded)
         if self.scope == "layer" and self.target == "channels":
             counts = {g.root: max(0, min(caps[g.root], g.channels - self.kept_count(
-                round((1 - amount) * original["channels"].get(g.root, g.channels)), g.channels))) for g in groups}
+                round((1 - amount) * original["channels"].get(g.root, g.channels)), g.channels, _step(g)))) for g in groups}
         else:
             if self.achieved(layers, groups, original, {}) >= amount:
                 return {}
-            if self.scope == "global" and self.round_to and self.round_to > 1:
+            if self.scope == "global" and any(self._multiple(g) > 1 for g in groups):
                 counts = self._take_blocks(layers, groups, original, scores, caps, amount)
             else:
                 counts = self._search(layers, groups, original, scores, caps, amount)
@@ -219,15 +225,15 @@ class ChannelPlanner:
         overshoot the target by more than a percentage point is skipped (with the rest of its
         group), so a coarse block (half of a 16-channel group) does not blow past the target.
         """
-        assert self.round_to is not None
         blocks: list[tuple[float, str, int]] = []
         for group in groups:
             ordered = torch.sort(scores[group.root]).values
             kept = group.channels
-            floor = self.kept_count(group.channels - caps[group.root], group.channels)
+            floor = self.kept_count(group.channels - caps[group.root], group.channels, _step(group))
+            multiple = self._multiple(group)
             mean_so_far = -math.inf
             while True:
-                step = kept % self.round_to or self.round_to
+                step = kept % multiple or multiple
                 if kept - step < floor:
                     break
                 removed = group.channels - kept
@@ -258,11 +264,14 @@ class ChannelPlanner:
                     break
         return counts
 
+    def _multiple(self, group: Any) -> int:
+        return math.lcm(self.round_to or 1, _step(group))
+
     def _rounded(self, groups: Sequence[Any], taken: dict[str, int], caps: dict[str, int]) -> dict[str, int]:
         counts = {}
         for group in groups:
             removed = min(taken.get(group.root, 0), caps[group.root])
-            counts[group.root] = group.channels - self.kept_count(group.channels - removed, group.channels)
+            counts[group.root] = group.channels - self.kept_count(group.channels - removed, group.channels, _step(group))
         return counts
 
     def _cost_per_channel(self, model: nn.Module, input_shape: Sequence[int], groups: Sequence[Any],

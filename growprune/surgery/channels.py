@@ -28,6 +28,7 @@ and reported by name before the real model is touched.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from growprune.modes import preserved_modes
-from growprune.surgery.changes import NEW, ParameterChange, inserted_index, kept_index
+from growprune.surgery.changes import NEW, ParameterChange, kept_index
 from growprune.surgery.handlers import ConvHandler, handler_for
 from growprune.surgery.units import execution_order
 
@@ -52,12 +53,15 @@ class ChannelGroup:
         channels: current number of channels.
         members: ``(layer name, "out" | "in")`` for every layer with parameters that changes with it.
         prunable: ``False`` when the group would change a skipped layer's output channels.
+        step: channels change in multiples of this (the least common multiple of what the members
+            need, e.g. attention heads or group-norm groups); 1 for most groups.
     """
 
     root: str
     channels: int
     members: list[tuple[str, str]] = field(default_factory=list)
     prunable: bool = True
+    step: int = 1
 
     @property
     def layers(self) -> list[str]:
@@ -109,6 +113,7 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------------------ the graph
     def _build(self) -> None:
+        self._needs_build = False
         self._tp_groups = None
         self.graph = self._dependency_graph(self.model)
         self._names = {module: name for name, module in self.model.named_modules()}
@@ -191,7 +196,7 @@ class ChannelGraph:
             raise ValueError(f"the channel dependency graph of {type(self.model).__name__} cannot be built: "
                              f"{type(error).__name__}: {error}") from error
         try:
-            graph.remove({group.root: [0] for group in groups if group.channels > 1})
+            graph.remove({group.root: list(range(group.step)) for group in groups if group.channels > group.step})
             self._probe(trial)
             return
         except Exception:  # find the group that breaks, to name it
@@ -199,10 +204,10 @@ class ChannelGraph:
         trial = copy.deepcopy(self.model)
         graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False)
         for group in graph.groups():
-            if group.channels < 2:
+            if group.channels <= group.step:
                 continue
             try:
-                graph.remove({group.root: [0]})
+                graph.remove({group.root: list(range(group.step))})
                 self._probe(trial)
             except Exception as error:
                 suspects = [name for name, module in trial.named_modules()
@@ -227,6 +232,7 @@ class ChannelGraph:
 
         ``skip`` adds layer names to the graph's own ``skip``.
         """
+        self._ensure_built()
         key = frozenset(self._checked_skip(skip)) | self.skip
         if key not in self._groups:
             self._groups[key] = self._list_groups(key)
@@ -244,18 +250,37 @@ class ChannelGraph:
             members = list(dict.fromkeys(members))
             prunable = not any(name in skip and side == "out" for name, side in members)
             if prunable:
-                result.append(ChannelGroup(root, len(tp_group.items[0].idxs), members, prunable))
+                result.append(ChannelGroup(root, len(tp_group.items[0].idxs), members, prunable, self._step(members)))
         return result
+
+    def _step(self, members: list[tuple[str, str]]) -> int:
+        modules = dict(self.model.named_modules())
+        step = 1
+        for name, _ in members:
+            module = modules.get(name)
+            handler = handler_for(module) if module is not None else None
+            if handler is not None:
+                step = math.lcm(step, handler.channel_step(module))
+        return step
 
     def tp_group(self, root: str) -> Any:
         """Torch-Pruning's group rooted at layer ``root`` with all channel indices (for scoring).
 
         For a group that feeds a depthwise convolution with multiplier > 1 this is the group up to
-        that convolution's inputs; layers after it are not part of the scoring group.
+        that convolution's inputs (which are left out: one weight per group says nothing about a
+        channel); the layers after it are not part of the scoring group.
         """
+        self._ensure_built()
         if root not in self._root_handlers or root in self._hidden_roots:
             raise ValueError(f"no channel group is rooted at {root!r}")
-        return self._tp_group_of(root)
+        group = self._tp_group_of(root)
+        coupled = {id(self.model.get_submodule(coupling.layer)) for coupling in self._couplings.get(root, [])}
+        if not coupled:
+            return group
+        scoring = copy.copy(group)
+        scoring._group = [item for item in group._group
+                          if not (id(item.dep.target.module) in coupled and self._side(item.dep) == "in")]
+        return scoring
 
     # -------------------------------------------------------------------------------- surgery
     def remove(self, plan: dict[str, Sequence[int]]) -> dict[str, ParameterChange]:
@@ -283,9 +308,9 @@ class ChannelGraph:
             for root, indices in cleaned.items():
                 tp_group = self._tp_group_of(root, indices)
                 coupled = [(coupling, self._coupled_outputs(tp_group, coupling)) for coupling in self._couplings.get(root, [])]
-                self._apply(tp_group.items, changes, touched, grow=None)
+                self._apply(tp_group.items, changes, touched)
                 for coupling, outputs in coupled:
-                    self._apply(self._tp_group_of(coupling.layer, outputs).items, changes, touched, grow=None)
+                    self._apply(self._tp_group_of(coupling.layer, outputs).items, changes, touched)
             self._check_layers(touched)
         self._after_edit(rebuild=False)
         return changes
@@ -305,27 +330,65 @@ class ChannelGraph:
                 raise ValueError(f"{root!r} is not the root of a channel group that may change; roots: {', '.join(groups)}")
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"the number of channels to add to {root!r} must be an integer >= 0, got {count!r}")
+            if count % groups[root].step:
+                raise ValueError(f"channels of {root!r} change in multiples of {groups[root].step} "
+                                 f"(attention heads or norm groups), got {count}")
             self._check_growable(root)
+        # every insertion is placed in the coordinates of the network as it is now, then each
+        # layer side is remapped once: several groups may insert into one layer (concatenation)
+        insertions: dict[tuple[int, str], tuple[nn.Module, str, str, list[tuple[int, int]]]] = {}
+        for root, count in plan.items():
+            if count == 0:
+                continue
+            tp_group = self._tp_group_of(root)
+            last = groups[root].channels - 1
+            self._collect_insertions(tp_group.items, last, count, insertions)
+            for coupling in self._couplings.get(root, []):
+                outputs = self._coupled_outputs(tp_group, coupling, root_channels=[last])
+                self._collect_insertions(self._tp_group_of(coupling.layer).items, max(outputs),
+                                         count * coupling.multiplier, insertions)
         changes: dict[str, ParameterChange] = {}
         touched: dict[str, nn.Module] = {}
         with preserved_modes(self.model):
-            for root, count in plan.items():
-                if count == 0:
-                    continue
-                tp_group = self._tp_group_of(root)
-                last = groups[root].channels - 1
-                coupled = []
-                for coupling in self._couplings.get(root, []):
-                    outputs = self._coupled_outputs(tp_group, coupling, root_channels=[last])
-                    coupled.append((self._tp_group_of(coupling.layer), max(outputs), count * coupling.multiplier))
-                self._apply(tp_group.items, changes, touched, grow=(last, count))
-                for coupled_group, last_output, coupled_count in coupled:
-                    self._apply(coupled_group.items, changes, touched, grow=(last_output, coupled_count))
-                # DepGraph cannot grow its own bookkeeping (concatenation sizes): build it anew
-                self._after_edit(rebuild=True)
-                groups = {group.root: group for group in self.groups()}
+            for module, name, side, spots in insertions.values():
+                handler = handler_for(module)
+                index = _with_insertions(handler.size(module, side), spots)
+                self._record(name, module, handler.remap(module, side, index), changes)
+                touched[name] = module
             self._check_layers(touched)
+        # DepGraph cannot grow its own bookkeeping (concatenation sizes): it is built anew
+        self._after_edit(rebuild=True)
         return changes
+
+    def _collect_insertions(self, items: Sequence[Any], last: int, count: int,
+                            insertions: dict[tuple[int, str], tuple[nn.Module, str, str, list[tuple[int, int]]]]) -> None:
+        """For each member of one group: after which of its indices ``count`` root channels' entries go."""
+        done: set[tuple[int, str]] = set()
+        for item in items:
+            target = item.dep.target.module
+            if not isinstance(target, nn.Module) or not _has_state(target):
+                continue  # DepGraph's own operation nodes: the graph is rebuilt afterwards
+            side, key = self._side_key(item.dep, target)
+            if key in done:
+                continue
+            done.add(key)
+            positions = [i for i, r in zip(item.idxs, item.root_idxs) if r == last]
+            if not positions:
+                continue  # this member does not see the root's last channel (e.g. another split part)
+            entry = insertions.setdefault(key, (target, self._names[target], side, []))
+            entry[3].append((max(positions), count * len(positions)))
+
+    def _side_key(self, dep: Any, target: nn.Module) -> tuple[str, tuple[int, str]]:
+        """The side a dependency changes, and the key that makes each layer side change once per group.
+
+        Layers whose input and output channels are the same ones (norms, attention, depthwise
+        convolutions with multiplier 1) appear twice in a group but change once.
+        """
+        side = self._side(dep)
+        handler = handler_for(target)
+        one_sided = handler is not None and handler.in_channels(target) is None
+        depthwise = isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and target.groups == target.out_channels
+        return side, (id(target), "out" if depthwise or one_sided else side)
 
     def _check_growable(self, root: str) -> None:
         for name, _ in self._members(self._tp_group_of(root)):
@@ -353,50 +416,36 @@ class ChannelGraph:
                 return [i * coupling.multiplier + k for i in inputs for k in range(coupling.multiplier)]
         raise RuntimeError(f"depthwise layer {coupling.layer!r} is not in the group that feeds it")
 
-    def _apply(self, items: Sequence[Any], changes: dict[str, ParameterChange], touched: dict[str, nn.Module],
-               grow: tuple[int, int] | None) -> None:
-        """Apply one DepGraph group: removal of each item's indices, or growth after root channel ``grow[0]``."""
+    def _apply(self, items: Sequence[Any], changes: dict[str, ParameterChange], touched: dict[str, nn.Module]) -> None:
+        """Remove each item's indices of one DepGraph group."""
         done: set[tuple[int, str]] = set()
         for item in items:
             dep, indices = item.dep, list(item.idxs)
             target = dep.target.module
-            side = self._side(dep)
             if isinstance(target, nn.Parameter):
-                if grow is not None:
-                    raise ValueError("cannot add channels to a bare parameter")
                 self._remove_from_parameter(dep, indices, changes)
                 continue
             if not _has_state(target):
-                if grow is None:
-                    dep(indices)  # DepGraph's own bookkeeping (concatenation and split offsets)
+                dep(indices)  # DepGraph's own bookkeeping (concatenation and split offsets)
                 continue
-            name = self._names[target]
-            handler = handler_for(target)
-            depthwise = isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and target.groups == target.out_channels
-            key = (id(target), "out" if depthwise else side)
+            side, key = self._side_key(dep, target)
             if key in done:
                 continue
             done.add(key)
+            name = self._names[target]
             touched[name] = target
+            handler = handler_for(target)
             if handler is None:
                 self._remove_with_depgraph(dep, indices, name, target, changes)
                 continue
-            size = handler.size(target, side)
-            if grow is None:
-                index = kept_index(size, indices)
-            else:
-                last, count = grow
-                positions = [i for i, r in zip(item.idxs, item.root_idxs) if r == last]
-                if not positions:
-                    continue  # this member does not see the root's last channel (e.g. another split part)
-                index = inserted_index(size, max(positions), count * len(positions))
-            self._record(name, target, handler.remap(target, side, index), changes)
+            self._record(name, target, handler.remap(target, side, kept_index(handler.size(target, side), indices)), changes)
 
     @staticmethod
     def _record(name: str, module: Any, tensor_changes: dict[str, ParameterChange], changes: dict[str, ParameterChange]) -> None:
         for key, change in tensor_changes.items():
             full = f"{name}.{key}" if name else key
-            new_shape = getattr(module, key).shape
+            owner, _, attribute = key.rpartition(".")
+            new_shape = getattr(module.get_submodule(owner) if owner else module, attribute).shape
             if full in changes:
                 changes[full] = changes[full].then(change, change.old.shape, new_shape)
             else:
@@ -455,12 +504,25 @@ class ChannelGraph:
 
     def _after_edit(self, rebuild: bool) -> None:
         self._tp_groups = None
-        if rebuild:
+        self._groups = {}  # channel counts changed
+        self._names = {module: name for name, module in self.model.named_modules()}
+        self._modules = self._module_identity()
+        # after growth DepGraph's bookkeeping is stale; it is built anew when next needed
+        self._needs_build = self._needs_build or rebuild
+
+    def _ensure_built(self) -> None:
+        if self._needs_build:
             self._build()
-        else:
-            self._groups = {}  # channel counts changed
-            self._names = {module: name for name, module in self.model.named_modules()}
-            self._modules = self._module_identity()
+
+
+def _with_insertions(size: int, spots: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The map of ``size`` old entries with ``count`` new ones after each ``(after, count)`` spot."""
+    pieces, cursor = [], 0
+    for after, count in sorted(spots):
+        pieces += [torch.arange(cursor, after + 1), torch.full((count,), NEW)]
+        cursor = after + 1
+    pieces.append(torch.arange(cursor, size))
+    return torch.cat(pieces).long()
 
 
 def new_entries(change: ParameterChange, dim: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ scales 1, running means 0 and running variances 1; growth initialisers overwrite
 
 Handled: ``nn.Linear``, every ``nn.Conv*`` and ``nn.ConvTranspose*`` (grouped and depthwise
 convolutions, any channel multiplier), ``_BatchNorm``, ``_InstanceNorm``, ``GroupNorm``,
-``LayerNorm``, ``PReLU`` and ``Embedding``. Register your own layer type with
+``LayerNorm``, ``PReLU``, ``Embedding`` and ``MultiheadAttention`` (packed projections). Register your own layer type with
 :func:`register_layer_handler`::
 
     class ScaleHandler(LayerHandler):
@@ -114,6 +114,10 @@ class LayerHandler:
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``ValueError`` naming the layer if it is no longer consistent."""
+
+    def channel_step(self, module: nn.Module) -> int:
+        """Channels of this layer change in multiples of this (e.g. attention heads, norm groups)."""
+        return 1
 
     def size(self, module: nn.Module, side: str) -> int:
         size = self.out_channels(module) if side == "out" else self.in_channels(module)
@@ -308,6 +312,9 @@ class NormHandler(LayerHandler):
             module.num_features = int(index.numel())
         return changes
 
+    def channel_step(self, module: nn.Module) -> int:
+        return module.num_groups if isinstance(module, nn.GroupNorm) else 1
+
     def check(self, module: nn.Module, name: str) -> None:
         if isinstance(module, nn.GroupNorm) and module.num_channels % module.num_groups:
             raise ValueError(f"group norm {name!r}: {module.num_channels} channels are not divisible by its {module.num_groups} groups")
@@ -370,6 +377,56 @@ class EmbeddingHandler(LayerHandler):
         return {"out": int(shapes["weight"][1])}
 
 
+class MultiheadAttentionHandler(LayerHandler):
+    """``nn.MultiheadAttention`` (packed q/k/v projection): channels are the embedding dimension.
+
+    The embedding dimension is both the input and the output of the layer, so one index map
+    moves the columns of the packed in-projection, its rows for each of query, key and value, the
+    out-projection's rows and columns and the optional ``bias_k``/``bias_v``. The new size must
+    stay divisible by ``num_heads`` (every head keeps the same width).
+    """
+
+    def out_channels(self, module: nn.MultiheadAttention) -> int:
+        return module.embed_dim
+
+    def channel_step(self, module: nn.MultiheadAttention) -> int:
+        return module.num_heads
+
+    def remap(self, module: nn.MultiheadAttention, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
+        if not module._qkv_same_embed_dim:
+            raise ValueError("growprune changes attention only with one packed in-projection (kdim = vdim = embed_dim)")
+        embed = module.embed_dim
+        index = _check_index(index, embed, "attention embedding")
+        size = int(index.numel())
+        if size % module.num_heads:
+            raise ValueError(f"attention with {module.num_heads} heads cannot have embedding size {size}: "
+                             f"channels must change in multiples of the head count")
+        packed = torch.cat([torch.where(index >= 0, index + part * embed, index) for part in range(3)])
+        changes = {"in_proj_weight": _replace_dims(module, "in_proj_weight", [packed, index])}
+        if module.in_proj_bias is not None:
+            changes["in_proj_bias"] = _replace_dims(module, "in_proj_bias", [packed])
+        changes["out_proj.weight"] = _replace_dims(module.out_proj, "weight", [index, index])
+        if module.out_proj.bias is not None:
+            changes["out_proj.bias"] = _replace_dims(module.out_proj, "bias", [index])
+        for key in ("bias_k", "bias_v"):
+            if getattr(module, key, None) is not None:
+                changes[key] = replace_tensor(module, key, 2, index)
+        module.embed_dim = module.kdim = module.vdim = size
+        module.head_dim = size // module.num_heads
+        module.out_proj.in_features = module.out_proj.out_features = size
+        return changes
+
+
+def _replace_dims(module: nn.Module, name: str, indices: list[torch.Tensor]) -> ParameterChange:
+    """Remap the first ``len(indices)`` dimensions of ``name`` at once (one change for all of them)."""
+    old = getattr(module, name)
+    value = old.detach()
+    for dim, index in enumerate(indices):
+        value = remapped(value, dim, index)
+    set_tensor(module, name, value)
+    return ParameterChange(old, [index.cpu().long() for index in indices] + [None] * (old.dim() - len(indices)))
+
+
 # ------------------------------------------------------------------------------------ registry
 _HANDLERS: dict[type, LayerHandler] = {}
 
@@ -404,3 +461,4 @@ register_layer_handler(nn.GroupNorm, NormHandler())
 register_layer_handler(nn.LayerNorm, LayerNormHandler())
 register_layer_handler(nn.PReLU, PReLUHandler())
 register_layer_handler(nn.Embedding, EmbeddingHandler())
+register_layer_handler(nn.MultiheadAttention, MultiheadAttentionHandler())
