@@ -8,7 +8,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 
 from growprune import GrowPruneModule
-from growprune.criteria import GradientCriterion
+from growprune.criteria import GradientCriterion, TaylorCriterion
 from growprune.schedules import OneShot
 from growprune.strategies import UnstructuredPruning
 from growprune.surgery import ParameterChange, preserved_modes, repair_training
@@ -125,15 +125,18 @@ class RecordRankState(Callback):
 
 
 def test_ddp_two_processes_stay_identical_through_pruning_and_structural_change(tmp_path):
+    from growprune.strategies import StructuredPruning
+
     module = make_module()
-    # a data-driven criterion: each rank sees different batches, so masks must come from rank 0
+    # data-driven criteria: each rank scores on its own batches, so masks and plans must come from rank 0
     pruning = UnstructuredPruning(OneShot(amount=0.6, at=1), criterion=GradientCriterion(), scoring_batches=2)
+    channels = StructuredPruning(OneShot(amount=0.5, at=2), criterion=TaylorCriterion(), target="channels", scoring_batches=2)
     trainer = tiny_trainer(
         tmp_path,
         max_epochs=4,
         strategy="ddp_spawn",
         devices=2,
-        callbacks=[pruning, NarrowAtEpoch(epoch=2), RecordRankState(str(tmp_path))],
+        callbacks=[pruning, channels, RecordRankState(str(tmp_path))],
     )
     trainer.fit(module, tiny_data())
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -143,7 +146,11 @@ def test_ddp_two_processes_stay_identical_through_pruning_and_structural_change(
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
     for name in rank0["weights"]:
         assert torch.allclose(rank0["weights"][name], rank1["weights"][name], atol=1e-6), name
-    assert rank0["weights"]["3.weight"].shape == (50, 300)  # the structural change happened
+    # the channel surgery (ChannelGraph, through apply_edit) happened on both ranks alike: half the 400 units
+    assert rank0["weights"]["1.weight"].shape[0] + rank0["weights"]["3.weight"].shape[0] == 200
+    assert rank0["edit_log"] == rank1["edit_log"] and rank0["edit_log"][1]["ops"][0]["op"] == "remove_channels"
+    # masks followed the surgery: still the shape of their weights
+    assert all(rank0["masks"][name].shape == rank0["weights"][name].shape for name in rank0["masks"])
     # training went on after the change: steps of epochs 3 and 4 were taken
     steps_per_epoch = rank0["global_step"] // 4
     assert steps_per_epoch >= 1 and rank0["global_step"] == 4 * steps_per_epoch

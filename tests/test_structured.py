@@ -255,14 +255,44 @@ def test_activity_criterion_scores_dead_and_disconnected_units_zero():
 
 
 def test_taylor_criterion_prunes_with_data_and_optimizer_state_is_sliced(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    class AdamState(Callback):
+        """Adam's moments of every parameter at the start of epoch 1 (before or after the strategy)."""
+
+        def __init__(self):
+            self.state = None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                optimizer = trainer.optimizers[0]
+                self.state = {name: {key: value.clone() for key, value in optimizer.state[p].items()}
+                              for name, p in pl_module.model.named_parameters()}
+
     module = conv_module(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
     strategy = StructuredPruning(OneShot(amount=0.3, at=1), criterion=TaylorCriterion(), target="flops", scoring_batches=2)
-    trainer = fit(module, strategy, tmp_path)
-    optimizer = trainer.optimizers[0]
-    for parameter in module.model.parameters():
-        state = optimizer.state.get(parameter)
-        assert state is not None, "state lost or stale parameter objects"
-        assert state["exp_avg"].shape == parameter.shape
+    before, after = AdamState(), AdamState()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[before, strategy, after], limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, image_data())
+    plan = module.edit_log[0]["ops"][0]["plan"]
+    # VGG-BN is a chain conv -> BN -> next conv: a conv keeps the rows of its own kept channels and the
+    # columns of the previous conv's; its BN the entries of its own. Expected moments, worked out here:
+    convs = [i for i, layer in enumerate(module.model.features) if isinstance(layer, nn.Conv2d)]
+    previous = None
+    for index in convs:
+        root = f"features.{index}"
+        size = before.state[f"{root}.weight"]["exp_avg"].shape[0]
+        rows = [i for i in range(size) if i not in plan.get(root, [])]
+        columns = slice(None) if previous is None else previous
+        for key in ("exp_avg", "exp_avg_sq"):
+            old = before.state[f"{root}.weight"][key]
+            assert torch.equal(after.state[f"{root}.weight"][key], old[rows][:, columns]), (root, key)
+            for name in (f"{root}.bias", f"features.{index + 1}.weight", f"features.{index + 1}.bias"):
+                assert torch.equal(after.state[name][key], before.state[name][key][rows]), (name, key)
+        assert after.state[f"{root}.weight"]["step"] == before.state[f"{root}.weight"]["step"]
+        previous = rows
+    assert all(after.state[name]["exp_avg"].shape == p.shape for name, p in module.model.named_parameters()
+               if name in after.state)
 
 
 # -------------------------------------------------------------------------------- checkpoints
