@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from growprune.metrics import count_parameters, dense_flops, layer_flops, layer_times
+from growprune.validation import check_integer, check_number
 
 TARGETS = ("channels", "params", "flops")
 SCOPES = ("global", "layer")
@@ -88,12 +89,10 @@ class ChannelPlanner:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
-        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise ValueError(f"min_channels must be an integer >= 1 (a layer is never removed whole), got {self.min_channels!r}")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
-        if not 0.0 < self.max_fraction <= 1.0:
-            raise ValueError(f"max_fraction must lie in (0, 1], got {self.max_fraction}")
+        check_integer("min_channels", self.min_channels, minimum=1)  # a layer is never removed whole
+        if self.round_to is not None:
+            check_integer("round_to", self.round_to, minimum=1)
+        check_number("max_fraction", self.max_fraction, minimum=0.0, maximum=1.0, strict_minimum=True)
 
     # ------------------------------------------------------------------------------ budget
     def kept_count(self, kept: int, channels: int, step: int = 1) -> int:

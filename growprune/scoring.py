@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from growprune.validation import check_integer
+
 __all__ = ["scoring_batches"]
 
 
@@ -75,9 +77,9 @@ def scoring_batches(
     if (samples is None) == (batches is None):
         raise ValueError(f"give exactly one of samples= or batches=, got samples={samples!r}, batches={batches!r}")
     if samples is not None:
-        _check_count("samples", samples)
+        check_integer("samples", samples, minimum=1)
     if batches is not None:
-        _check_count("batches", batches)
+        check_integer("batches", batches, minimum=1)
     loader = _scoring_loader(_training_loader(trainer), seed)
 
     result: list[tuple[Tensor, Tensor]] = []
@@ -100,11 +102,6 @@ def scoring_batches(
     if device is not None:
         result = [(inputs.to(device), targets.to(device)) for inputs, targets in result]
     return result
-
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _training_loader(trainer: pl.Trainer) -> DataLoader:

@@ -125,3 +125,22 @@ def test_every_config_parses(capsys, monkeypatch):
             main(["fit", "-c", str(config), "--print_config"])
         assert exit_info.value.code == 0, config.name
     capsys.readouterr()
+
+
+def test_argument_checks_name_the_argument_and_refuse_bools():
+    import pytest
+
+    from growprune.validation import check_integer, check_number
+
+    assert check_integer("epochs", 3, minimum=1) == 3
+    assert check_number("alpha", 1, minimum=0.0, maximum=1.0, strict_minimum=True) == 1.0
+    for call, message in [
+        (lambda: check_integer("epochs", True, minimum=1), "epochs must be an integer >= 1, got True"),
+        (lambda: check_integer("epochs", 2.0), "epochs must be an integer, got 2.0"),
+        (lambda: check_number("alpha", 0.0, minimum=0.0, maximum=1.0, strict_minimum=True), r"alpha must lie in \(0, 1\], got 0.0"),
+        (lambda: check_number("rate", float("nan")), "rate must be a finite number, got nan"),
+        (lambda: check_number("t", 1.0, minimum=1.0, strict_minimum=True), "t must be > 1, got 1.0"),
+        (lambda: check_number("lambda_", -1, minimum=0.0), "lambda_ must be >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -270,10 +270,10 @@ class Dicts(Dataset):
     [
         ({}, "exactly one of samples= or batches="),
         ({"samples": 4, "batches": 1}, "exactly one of samples= or batches="),
-        ({"samples": 0}, "samples must be a positive integer, got 0"),
-        ({"batches": -1}, "batches must be a positive integer, got -1"),
-        ({"samples": 2.5}, "samples must be a positive integer, got 2.5"),
-        ({"batches": True}, "batches must be a positive integer, got True"),
+        ({"samples": 0}, "samples must be an integer >= 1, got 0"),
+        ({"batches": -1}, "batches must be an integer >= 1, got -1"),
+        ({"samples": 2.5}, "samples must be an integer >= 1, got 2.5"),
+        ({"batches": True}, "batches must be an integer >= 1, got True"),
     ],
 )
 def test_count_arguments_are_checked(kwargs, message):

@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from growprune.validation import check_integer
+
 
 def check_int(name: str, value: int, minimum: int) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_integer(name, value, minimum)
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

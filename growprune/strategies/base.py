@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from growprune.criteria.base import Batch
 from growprune.schedules import Schedule
 from growprune.surgery.edits import Edit, EditResult
+from growprune.validation import check_integer
 
 
 class Strategy(Callback):
@@ -52,8 +53,7 @@ class Strategy(Callback):
     def __init__(self, schedule: Schedule, name: str | None = None, scoring_batches: int = 0, verbose: bool = True):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a growprune.schedules.Schedule, got {type(schedule).__name__}")
-        if isinstance(scoring_batches, bool) or not isinstance(scoring_batches, int) or scoring_batches < 0:
-            raise ValueError(f"scoring_batches must be an integer >= 0, got {scoring_batches!r}")
+        check_integer("scoring_batches", scoring_batches, minimum=0)
         self.schedule = schedule
         self.name = name or type(self).__name__.lower()
         self.scoring_batches = scoring_batches

@@ -57,6 +57,7 @@ from growprune.schedules import Constant, Schedule
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
 from growprune.surgery.masks import select_layers, sparsity, weight_layers
 from growprune.surgery.edits import MaskWeights
+from growprune.validation import check_integer, check_number
 # the unit-level graph lives in growprune.surgery.units; UnitLink, LinkReport and trace_unit_links
 # stay importable from here for existing users
 from growprune.surgery.units import LinkReport, UnitLink, forward_order, trace_unit_links  # noqa: F401
@@ -253,18 +254,6 @@ def _remove_dead_units(
 
 
 # ---------------------------------------------------------------------------------- strategy
-def _check_alpha(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 class NNReliefPruning(Strategy):
     """NNrelief (Dekhovich et al. 2021): iterative pruning where each neuron keeps the connections
     that carry ``alpha`` of its input signal on a pruning set, then retraining.
@@ -313,11 +302,11 @@ class NNReliefPruning(Strategy):
         name: str | None = None,
         verbose: bool = True,
     ):
-        self.iterations = _check_positive_int("iterations", iterations)
-        self.every = _check_positive_int("every", every)
-        self.pruning_samples = _check_positive_int("pruning_samples", pruning_samples)
-        self.alpha_fc = _check_alpha("alpha_fc", alpha_fc)
-        self.alpha_conv = _check_alpha("alpha_conv", alpha_conv)
+        self.iterations = check_integer("iterations", iterations, minimum=1)
+        self.every = check_integer("every", every, minimum=1)
+        self.pruning_samples = check_integer("pruning_samples", pruning_samples, minimum=1)
+        self.alpha_fc = check_number("alpha_fc", alpha_fc, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self.alpha_conv = check_number("alpha_conv", alpha_conv, minimum=0.0, maximum=1.0, strict_minimum=True)
         if schedule is None:
             schedule = Constant(amount=0.0, start=every, end=every * iterations, every=every)
         super().__init__(schedule, name=name, scoring_batches=0, verbose=verbose)

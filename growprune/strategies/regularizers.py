@@ -26,7 +26,6 @@ layers. The penalties act on every BN layer's own scales.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -42,6 +41,7 @@ from growprune.strategies.base import broadcast_from_rank_zero
 from growprune.strategies.structured import TOLERANCE, StructuredPruning
 from growprune.surgery.channels import ChannelGroup
 from growprune.surgery.edits import RemoveChannels
+from growprune.validation import check_integer, check_number
 
 #: Share of the epochs trained with the penalty before the default schedule prunes (the rest fine-tunes).
 DEFAULT_PRUNE_AT = 0.75
@@ -117,14 +117,6 @@ class _RegularisedScaleCriterion(BNScaleCriterion):
 
     def __repr__(self) -> str:
         return "BNScale(mean |gamma| over the group's BN layers)"
-
-
-def _check_number(name: str, value: float, minimum: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-    return float(value)
 
 
 # ------------------------------------------------------------------------------- shared machinery
@@ -342,10 +334,9 @@ class NetworkSlimming(_BNRegularisedPruning):
         name: str | None = None,
         verbose: bool = True,
     ):
-        self.lambda_l1 = _check_number("lambda_l1", lambda_l1, 0.0)
-        if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) or not 0.0 < prune_fraction < 1.0:
-            raise ValueError(f"prune_fraction must lie strictly between 0 and 1, got {prune_fraction!r}")
-        self.prune_fraction = float(prune_fraction)
+        self.lambda_l1 = check_number("lambda_l1", lambda_l1, minimum=0.0)
+        self.prune_fraction = check_number("prune_fraction", prune_fraction, minimum=0.0, maximum=1.0,
+                                           strict_minimum=True, strict_maximum=True)
         super().__init__(schedule, skip, min_channels, round_to, name, verbose)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
@@ -428,14 +419,11 @@ class PolarizationPruning(_BNRegularisedPruning):
         name: str | None = None,
         verbose: bool = True,
     ):
-        self.lambda_ = _check_number("lambda_", lambda_, 0.0)
-        self.t = _check_number("t", t, 1.0, strict=True)
+        self.lambda_ = check_number("lambda_", lambda_, minimum=0.0)
+        self.t = check_number("t", t, minimum=1.0, strict_minimum=True)
         if initial_scale is not None:
-            initial_scale = _check_number("initial_scale", initial_scale, 0.0)
-            if initial_scale > 1.0:
-                raise ValueError(f"initial_scale must lie in [0, 1] (scales are clamped there), got {initial_scale}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 3:
-            raise ValueError(f"bins must be an integer >= 3, got {bins!r}")
+            initial_scale = check_number("initial_scale", initial_scale, minimum=0.0, maximum=1.0)  # scales live in [0, 1]
+        check_integer("bins", bins, minimum=3)
         self.initial_scale = initial_scale
         self.bins = bins
         super().__init__(schedule, skip, min_channels, round_to, name, verbose)
