@@ -199,12 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds]
     planned = [{**settings(*run, args.epochs, env), **dict.fromkeys(RESULTS, ""), "seconds": "",
                 **{key: env[key] for key in records.INFO_COLUMNS if key in env}} for run in plan]
-    appender = records.CsvAppender(args.out)
-    try:  # before any training: this run's rows must fit the file's columns and settings
-        appender.check_columns(list(planned[0]))
-        check(records.read_rows([args.out]) + planned if args.out.exists() else planned)
-    except records.SettingsMismatch as error:
-        raise SystemExit(f"error: {error}\n(write this run to another file with --out)") from None
+    appender = records.open_checked(args.out, planned, check)  # before any training
     if not MNIST.is_dir():
         raise SystemExit(f"the MNIST idx files are missing: expected them in {MNIST}")
     rows: list[dict] = []

@@ -112,6 +112,19 @@ def format_params(params: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------- CSV files
+def open_checked(path: Path, planned: Sequence[Mapping[str, Any]], check: Any) -> "CsvAppender":
+    """An appender for ``path``, after checking (before any training) that the planned rows fit the
+    file's columns and, with the rows already in it, pass ``check`` (a settings check); exits with
+    the reason otherwise."""
+    appender = CsvAppender(path)
+    try:
+        appender.check_columns(list(planned[0]))
+        check(read_rows([path]) + list(planned) if path.exists() else list(planned))
+    except SettingsMismatch as error:
+        raise SystemExit(f"error: {error}\n(write this run to another file with --out)") from None
+    return appender
+
+
 def read_header(path: Path) -> list[str] | None:
     if not path.exists() or path.stat().st_size == 0:
         return None

@@ -165,12 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(arch, method, seed) for arch in args.models for method in args.methods for seed in args.seeds]
     planned = [{**settings(*run, args.epochs, env), **dict.fromkeys(RESULTS, ""), "seconds": "",
                 **{key: env[key] for key in records.INFO_COLUMNS if key in env}} for run in plan]
-    appender = records.CsvAppender(args.out)
-    try:  # before any training: this run's rows must fit the file's columns and settings
-        appender.check_columns(list(planned[0]))
-        check(records.read_rows([args.out]) + planned if args.out.exists() else planned)
-    except records.SettingsMismatch as error:
-        raise SystemExit(f"error: {error}\n(write this run to another file with --out)") from None
+    appender = records.open_checked(args.out, planned, check)  # before any training
     rows = []
     for (arch, method, seed), template in zip(plan, planned):
         row = {**template, **run_one(arch, method, seed, args.epochs)}

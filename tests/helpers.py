@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from growprune.data import SyntheticDataModule
 
@@ -26,3 +29,17 @@ def tiny_trainer(tmp_path, **kwargs) -> pl.Trainer:
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+class ResidualMLP(nn.Module):
+    """fc1 -> ReLU, then a residual add of fc2's ReLU output onto it, then the output layer."""
+
+    def __init__(self, inputs: int = 64, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(inputs, width)
+        self.fc2 = nn.Linear(width, width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.out(h + F.relu(self.fc2(h)))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from growprune.criteria import ActivityCriterion
 from growprune.models import create_model
 from growprune.surgery.channels import ChannelGraph
+from tests.helpers import ResidualMLP
 
 
 def activity_scores(model, inputs, root, criterion=None):
@@ -94,19 +95,8 @@ def test_conv3d_layers_are_scored():
 def test_unit_feeding_a_residual_add_is_measured_before_the_add():
     """The add mixes the unit with another signal: its activity is taken at the last unit-preserving op."""
 
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(4, 6)
-            self.fc2 = nn.Linear(6, 6)
-            self.out = nn.Linear(6, 2)
-
-        def forward(self, x):
-            h = F.relu(self.fc1(x))
-            return self.out(h + F.relu(self.fc2(h)))
-
     torch.manual_seed(0)
-    model = Residual()
+    model = ResidualMLP(inputs=4, width=6, classes=2)
     with torch.no_grad():
         model.fc2.weight[3] = 0.0
         model.fc2.bias[3] = -1.0  # dead after its ReLU, although the add still carries fc1's unit 3

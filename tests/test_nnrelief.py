@@ -17,7 +17,7 @@ from growprune.schedules import OneShot
 from growprune.strategies import NNReliefPruning, UnstructuredPruning
 from growprune.strategies import nnrelief as nnrelief_module
 from growprune.strategies.nnrelief import nnrelief_masks
-from tests.helpers import tiny_data, tiny_trainer
+from tests.helpers import ResidualMLP, tiny_data, tiny_trainer
 
 
 def sgd():
@@ -184,21 +184,8 @@ def test_zero_activity_removal_and_backward_sweep_on_a_tiny_mlp():
         assert torch.all(F.relu(model[0](x))[:, [0, 2]] == 0)
 
 
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 4)
-
-    def forward(self, x):
-        h = F.relu(self.fc1(torch.flatten(x, 1)))
-        h = h + F.relu(self.fc2(h))
-        return self.out(h)
-
-
 def test_non_sequential_links_are_not_guessed(tmp_path):
-    model = Residual()
+    model = ResidualMLP()
     with torch.no_grad():
         model.fc2.weight[1] = 0.0
         model.fc2.bias[1] = -10.0  # dead, but its output goes through a residual add
@@ -209,7 +196,7 @@ def test_non_sequential_links_are_not_guessed(tmp_path):
     assert result.masks["fc2.bias"][1] == 1  # not removed: no proven consumer
     assert set(result.unlinked) == {"fc1", "fc2"}
     # the strategy reports it in every record and warns once
-    module = GrowPruneModule(Residual(), num_classes=4, input_shape=(1, 8, 8), optimizer=sgd())
+    module = GrowPruneModule(ResidualMLP(), num_classes=4, input_shape=(1, 8, 8), optimizer=sgd())
     strategy = NNReliefPruning(iterations=2, every=1, pruning_samples=64, verbose=False)
     trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[strategy])
     with warnings.catch_warnings(record=True) as caught:

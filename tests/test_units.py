@@ -17,19 +17,7 @@ from growprune.surgery.units import (
     is_unit_layer,
     trace_unit_links,
 )
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 4)
-
-    def forward(self, x):
-        h = F.relu(self.fc1(torch.flatten(x, 1)))
-        h = h + F.relu(self.fc2(h))
-        return self.out(h)
+from tests.helpers import ResidualMLP
 
 
 class ResidualBlock(nn.Module):
@@ -66,7 +54,7 @@ class Untraceable(nn.Module):
 
 # ---------------------------------------------------------------------------------- links
 def test_non_sequential_links_are_not_guessed():
-    report = trace_unit_links(Residual(), torch.randn(2, 1, 8, 8))
+    report = trace_unit_links(ResidualMLP(), torch.randn(2, 1, 8, 8))
     assert report.links == {} and report.final == {"out"}
     assert set(report.unlinked) == {"fc1", "fc2"}
     assert "2 operations" in report.unlinked["fc1"] and "add" in report.unlinked["fc2"]

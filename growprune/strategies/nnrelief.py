@@ -279,7 +279,8 @@ class NNReliefPruning(Strategy):
         alpha_fc: share of each linear neuron's input signal its kept connections carry, in (0, 1].
         alpha_conv: the same for each conv filter (its units are input-channel kernels), in (0, 1].
         pruning_samples: training samples in the pruning set (>= 1; fewer if the training set is
-            smaller), drawn from the training loader at each step.
+            smaller), a seeded random draw from the training set at each step, from a loader of its
+            own (the training loader and its shuffle order are untouched).
         layers: shell-style patterns of the linear/conv layers to prune (default: all of them).
         skip: patterns of layers to leave dense (e.g. ``["features.0"]``).
         remove_dead_units: remove units whose output is zero on the whole pruning set and, sweeping

@@ -11,8 +11,9 @@ separates channels that can go from channels that must stay:
   histogram of the layer's scales on [0, 1].
 
 Both reuse :class:`~growprune.strategies.structured.StructuredPruning` for the channel graph,
-the surgery, the optimizer repair and the edit-log record (with the DepGraph history that a
-checkpoint replays); they only replace *which* channels go (:meth:`plan`).
+the surgery, the optimizer repair and the edit-log record (with the ``remove_channels`` edit a
+checkpoint replays); they replace *which* channels go (:meth:`plan`) and what the record says
+(the share of regularised channels the method asked for, its thresholds, and what it got).
 
 Which BN layers are regularised: every batch-norm layer (with affine scales) that belongs to a
 prunable channel group (see :class:`~growprune.surgery.channels.ChannelGraph`; skipped layers and

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -493,7 +494,11 @@ class ChannelGraph:
             if mapped:
                 inferred[key] = ParameterChange(old, maps)
             else:
-                self.unmapped.append(f"{name}.{key}" if name else key)
+                full = f"{name}.{key}" if name else key
+                self.unmapped.append(full)
+                warnings.warn(f"channel surgery changed {full!r} ({type(self.model.get_submodule(name)).__name__ if name else 'model'}) "
+                              f"through Torch-Pruning in a way growprune cannot map entry by entry: its optimizer state "
+                              "starts from zero (register a growprune layer handler for this layer type to keep it)")
         return inferred
 
     def _check_layers(self, touched: dict[str, nn.Module]) -> None:

@@ -212,10 +212,7 @@ class InsertLayer(Edit):
     init: str | None = None
 
     def apply(self, model: nn.Module, context: EditContext) -> EditResult:
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        new = _placed(build_module(self.layer), context.example_inputs)
-        initialise(new, self.init)
+        new = _new_module(self.layer, self.init, context.example_inputs)
         renamed, added = insert_after(model, self.path, new, context.example_inputs)
         return EditResult(renamed=renamed, added=added)
 
@@ -235,10 +232,7 @@ class InsertCell(Edit):
     init: str | None = None
 
     def apply(self, model: nn.Module, context: EditContext) -> EditResult:
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        new = _placed(build_module(self.cell), context.example_inputs)
-        initialise(new, self.init)
+        new = _new_module(self.cell, self.init, context.example_inputs)
         renamed, added = insert_cell(model, self.stage, int(self.index), new, context.example_inputs)
         return EditResult(renamed=renamed, added=added)
 
@@ -255,8 +249,13 @@ class RemoveCell(Edit):
         return EditResult(removed=remove_module(model, self.path, context.example_inputs, "cell"))
 
 
-def _placed(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    return module.to(device=example.device)
+def _new_module(spec: Mapping[str, Any], init: str | None, example: torch.Tensor) -> nn.Module:
+    """A layer or cell built from its spec, initialised, on the device and dtype of the inputs."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    module = build_module(spec).to(device=example.device, dtype=example.dtype)
+    initialise(module, init)
+    return module
 
 
 # ---------------------------------------------------------------------------------------- replay
