@@ -140,3 +140,12 @@ def test_a_shortfall_above_1_5_percent_warns(tmp_path):
     achieved = strategy.history[0]["achieved"]
     assert 0.015 < abs(achieved - 0.5) < 0.03
     assert [w for w in caught if "asked for 50.0% fewer channels" in str(w.message)]
+
+
+def test_a_schedule_that_cannot_finish_in_time_says_so(tmp_path):
+    strategy = StructuredPruning(OneShot(amount=0.3, at=5), target="channels")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(lenet(), [strategy], tmp_path, 2)
+    assert [w for w in caught if "training ends at epoch 1, before 1 of the 1 actions" in str(w.message)]
+    assert strategy.history == []

@@ -25,7 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from growprune.criteria.base import Batch
 from growprune.schedules import Schedule
@@ -125,6 +125,25 @@ class Strategy(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.active_schedule = self.resolve_schedule(trainer)
+        self._warn_if_unfinished(trainer)
+
+    def _warn_if_unfinished(self, trainer: pl.Trainer) -> None:
+        """Say so when training ends before the schedule's last action (it would under-prune silently)."""
+        schedule = self.active_schedule
+        if schedule.unit == "epoch":
+            if not trainer.max_epochs or trainer.max_epochs < 1:
+                return
+            last = trainer.max_epochs - 1
+        else:
+            last = int(trainer.estimated_stepping_batches) - 1
+        times = schedule.times()
+        late = [time for time in times if time > last and time not in self._done]
+        if late:
+            rank_zero_warn(
+                f"{self.name}: training ends at {schedule.unit} {last}, before {len(late)} of the {len(times)} "
+                f"actions of its schedule (at {schedule.unit}s {times}): they will not happen; train longer or "
+                "move the schedule"
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.unit == "epoch":

@@ -327,15 +327,6 @@ class NNReliefPruning(Strategy):
             check_supported(name, layer)
             # sizes at the first set-up are the originals; a resumed run keeps the stored ones
             self.original_sizes.setdefault(name, layer.weight.numel())
-        end = self.schedule.end
-        if self.schedule.unit == "epoch" and end is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
-            times = self.schedule.times()
-            done = sum(1 for time in times if time < trainer.max_epochs)
-            if done < len(times):
-                rank_zero_warn(
-                    f"{self.name}: max_epochs={trainer.max_epochs} leaves time for {done} of the {len(times)} "
-                    f"NNrelief pruning steps (at epochs {times}); raise max_epochs to run them all"
-                )
 
     def collect_pruning_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:
         """``pruning_samples`` random training samples (the last batch cut to fit), on the module's device.
