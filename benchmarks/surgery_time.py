@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import growprune.strategies.structured as structured_module
+import growprune.module as module_module
+import growprune.surgery.optimizer as optimizer_module
 from benchmarks import records
 from benchmarks.timing import bare_trainer, machine, median
 from growprune import GrowPruneModule
@@ -109,7 +110,7 @@ def manual_step(arch: str) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
     strategy = StructuredPruning(OneShot(amount=0.5), target="flops", verbose=False)
     times: dict[str, float] = {}
-    with timed_attribute(structured_module, "ChannelGraph", times, "graph"), \
+    with timed_attribute(module_module, "ChannelGraph", times, "graph"), \
             timed_attribute(ChannelGraph, "_check_traceable", times, "dry run"):
         stopwatch(times, "check", lambda: strategy.check(None, module))
     graph = strategy.graph
@@ -124,7 +125,8 @@ def manual_step(arch: str) -> dict[str, float]:
 
     def repair() -> None:
         new = module.configure_optimizers()
-        carry_optimizer_state(optimizer, new, changes)
+        parameters = dict(module.model.named_parameters())
+        carry_optimizer_state(optimizer, new, {parameters[name]: change for name, change in changes.items() if name in parameters})
         carry_masks(module, changes)
         module.invalidate_mask_cache()
 
@@ -147,7 +149,7 @@ class TimedStructuredPruning(StructuredPruning):
         stopwatch(self.times, "check", lambda: super(TimedStructuredPruning, self).check(trainer, pl_module))
 
     def act(self, trainer: Any, pl_module: Any, target: float) -> dict[str, Any]:
-        with timed_attribute(structured_module, "repair_training", self.times, "repair_training"):
+        with timed_attribute(optimizer_module, "repair_training", self.times, "repair_training"):
             return stopwatch(self.times, "act", lambda: super(TimedStructuredPruning, self).act(trainer, pl_module, target))
 
 

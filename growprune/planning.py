@@ -192,7 +192,7 @@ class ChannelPlanner:
     def _search(self, layers: dict[str, _Layer], groups: Sequence[Any], original: dict[str, Any],
                 scores: dict[str, torch.Tensor], caps: dict[str, int], amount: float) -> dict[str, int]:
         """Smallest global k (or uniform fraction) whose removal reaches ``amount`` (achieved grows with k)."""
-        ranked_roots = [root for _, root in sorted((float(scores[g.root][i]), g.root) for g in groups for i in range(g.channels))]
+        ranked_roots = [root for _, root in sorted((value, g.root) for g in groups for value in scores[g.root].tolist())]
 
         def counts_global(k: int) -> dict[str, int]:
             taken: dict[str, int] = {}

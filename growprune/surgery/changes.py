@@ -91,11 +91,8 @@ class ParameterChange:
         New entries take ``fill``: a number, or a tensor of the new shape to take them from.
         """
         new_shape = tuple(int(size) for size in new_shape)
-        if isinstance(fill, torch.Tensor):
-            result = fill.detach().to(device=value.device, dtype=value.dtype).clone().reshape(new_shape)
-        else:
-            result = torch.full(new_shape, fill, dtype=value.dtype, device=value.device)
         if self.flat is not None:
+            result = _filled(fill, new_shape, value)
             flat = self.flat.to(value.device)
             present = flat >= 0
             result.view(-1)[present] = value.reshape(-1)[flat[present]]
@@ -103,7 +100,7 @@ class ParameterChange:
         if value.shape != self.old.shape:
             raise ValueError(f"cannot carry a tensor of shape {tuple(value.shape)} through a change of a {tuple(self.old.shape)} tensor")
         moved = value
-        new_masks = []
+        keep: torch.Tensor | None = None  # broadcastable: True where an entry has an old value
         for dim in range(value.dim()):
             index = self.index[dim] if self.index and dim < len(self.index) else None
             if index is None:
@@ -112,14 +109,21 @@ class ParameterChange:
                 continue
             index = index.to(value.device)
             moved = moved.index_select(dim, index.clamp_min(0))
-            new_masks.append((dim, index < 0))
-        keep = torch.ones(new_shape, dtype=torch.bool, device=value.device)
-        for dim, is_new in new_masks:
-            shape = [1] * len(new_shape)
-            shape[dim] = -1
-            keep &= ~is_new.view(shape)
-        result[keep] = moved[keep]
-        return result
+            is_new = index < 0
+            if bool(is_new.any()):
+                shape = [1] * len(new_shape)
+                shape[dim] = -1
+                old_here = (~is_new).view(shape)
+                keep = old_here if keep is None else keep & old_here
+        if keep is None:  # nothing new (removal): the gathered values are the result
+            return moved.contiguous()
+        return torch.where(keep, moved, _filled(fill, new_shape, value))
+
+
+def _filled(fill: float | torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if isinstance(fill, torch.Tensor):
+        return fill.detach().to(device=like.device, dtype=like.dtype).clone().reshape(shape)
+    return torch.full(shape, fill, dtype=like.dtype, device=like.device)
 
 
 def _strides(shape: Sequence[int]) -> list[int]:
