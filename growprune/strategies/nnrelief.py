@@ -325,7 +325,7 @@ class NNReliefPruning(Strategy):
         selected = select_layers(pl_module.model, self.layers, self.skip)
         for name, layer in selected.items():
             check_supported(name, layer)
-            # sizes at the first set-up are the originals; a resumed run keeps the stored ones
+            # sizes at set-up are the originals; a resumed run replaces them by the stored ones
             self.original_sizes.setdefault(name, layer.weight.numel())
 
     def collect_pruning_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Batch]:

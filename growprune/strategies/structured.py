@@ -26,8 +26,8 @@ TOLERANCE = 0.015
 class StructuredPruning(Strategy):
     """Remove the lowest-scoring channels/units of every prunable group, on a schedule.
 
-    The schedule's amount is the fraction of the ORIGINAL network (as the strategy first saw it,
-    kept in checkpoints across resumes) to remove, measured in
+    The schedule's amount is the fraction of the ORIGINAL network (as this fit found it at set-up,
+    or as the interrupted run recorded it when resuming) to remove, measured in
     ``target`` units: ``"channels"`` (prunable channels), ``"params"`` (all parameters) or
     ``"flops"`` (dense FLOPs; 0.5 halves them). Global ranking (default) compares normalised scores
     across groups and picks how many channels each loses so the target is met (within one
