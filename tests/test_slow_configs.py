@@ -36,14 +36,14 @@ class Documented:
     base: tuple[str, dict, tuple[int, ...]] | None = None  # arch, arch kwargs, input shape
 
 
-DOCUMENTED = {  # README's Configs table = benchmarks/RESULTS.md, measured at commit 5670153
+DOCUMENTED = {  # README's Configs table = benchmarks/RESULTS.md, measured at commit bb9f83f
     "quickstart": Documented(val_acc=0.9852, compression=1.0, compression_is_target=True),
     "lenet300_magnitude_digits": Documented(val_acc=0.9852, compression=17.3, compression_is_target=True,
                                             effective_flops=0.050),
-    "lenet300_nnrelief_digits": Documented(val_acc=0.9852, compression=4.15, effective_flops=0.240),
-    "lenet5_nnrelief_digits": Documented(val_acc=0.9889, compression=21.2, effective_flops=0.157),
-    "lenet300_nnrelief_mnist": Documented(val_acc=0.9720, compression=4.09, effective_flops=0.244),
-    "lenet5_nnrelief_mnist": Documented(val_acc=0.9930, compression=12.6, effective_flops=0.233),
+    "lenet300_nnrelief_digits": Documented(val_acc=0.9852, compression=4.10, effective_flops=0.243),
+    "lenet5_nnrelief_digits": Documented(val_acc=0.9963, compression=21.8, effective_flops=0.145),
+    "lenet300_nnrelief_mnist": Documented(val_acc=0.9725, compression=3.92, effective_flops=0.255),
+    "lenet5_nnrelief_mnist": Documented(val_acc=0.9900, compression=12.7, effective_flops=0.253),
     "lenet300_magnitude_mnist": Documented(val_acc=0.9705, compression=46.5, compression_is_target=True,
                                            effective_flops=0.020),
     "vgg11_polarization_digits": Documented(val_acc=0.9926, compression=23.3, flops_reduction=26.6,
