@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from growprune.criteria.base import Criterion
 from growprune.criteria.channels import FilterNormCriterion
-from growprune.metrics import count_parameters, dense_flops
 from growprune.planning import ChannelPlanner, original_size
 from growprune.schedules import Schedule
 from growprune.scoring import loss_gradients
@@ -163,10 +162,11 @@ class StructuredPruning(Strategy):
 
     def measure(self, pl_module: Any, plan: dict[str, list[int]]) -> dict[str, Any]:
         """The record of a channel removal: what is gone now, measured (not estimated)."""
-        model = pl_module.model
         groups = self.groups(pl_module)
-        measured = {"channels": sum(g.channels for g in groups), "params": count_parameters(model),
-                    "flops": dense_flops(model, pl_module.input_shape)}
+        # the module's size meter counts FLOPs once per architecture: the logged metrics reuse the count
+        size = pl_module.size_metrics()
+        measured = {"channels": sum(g.channels for g in groups), "params": int(size["params/total"]),
+                    "flops": size["flops/dense"]}
         if self.target == "channels":
             achieved = 1 - measured["channels"] / sum(self.original["channels"].values())
         else:
