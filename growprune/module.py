@@ -23,6 +23,8 @@ from growprune.modes import evaluating, preserved_modes
 from growprune.models import create_model
 from growprune.surgery.channels import ChannelGraph
 from growprune.surgery.edits import Edit, EditContext, EditResult, replay, structural_entries
+from growprune.surgery.optimizer import carry_masks, mask_optimizer_state, repair_training
+from growprune.surgery.resize import resize_to_state_dict
 
 
 def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -291,19 +293,13 @@ class GrowPruneModule(pl.LightningModule):
         if result.structural:
             self._channel_graph = context.graph if context.graph is not None and context.graph.is_current() else None
             if trainer is not None:
-                from growprune.surgery.optimizer import repair_training
-
                 repair_training(trainer, self, result)
             else:
-                from growprune.surgery.optimizer import carry_masks
-
                 carry_masks(self, result.changes, result.renamed)
                 self.invalidate_mask_cache()
         for name, mask in result.masks.items():
             self.set_mask(name, mask)
             if trainer is not None:
-                from growprune.surgery.optimizer import mask_optimizer_state
-
                 mask_optimizer_state(trainer.optimizers, self.model.get_parameter(name), self._masks[name])
         if self._trainer is not None:
             for callback in self._trainer.callbacks:
@@ -363,8 +359,6 @@ class GrowPruneModule(pl.LightningModule):
     # ------------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load weights, first resizing layers whose shapes were changed by structural surgery."""
-        from growprune.surgery.resize import resize_to_state_dict
-
         if resize_to_state_dict(self.model, state_dict, prefix="model."):
             self.invalidate_mask_cache()
             self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None

@@ -159,3 +159,24 @@ def test_removing_refuses_bad_plans_before_changing_anything():
     with pytest.raises(ValueError, match=">= 0"):
         graph.add({"1": -1})
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
+
+
+def test_grouped_convolution_plans_that_break_a_group_are_refused_before_any_change():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # two groups of 4 channels
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.head(self.grouped(torch.relu(self.stem(x))))
+
+    model = Grouped()
+    graph = ChannelGraph(model, torch.zeros(1, 3, 6, 6), check=False)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 'grouped'.*every group must keep as many"):
+        graph.remove({"stem": [0, 1]})  # both from the first group: the groups would keep 2 and 4
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())  # the stem too
+    graph.remove({"stem": [0, 5]})  # one from each group: valid
+    assert model.grouped.in_channels == 6 and model(torch.zeros(1, 3, 6, 6)).shape == (1, 2)

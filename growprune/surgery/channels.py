@@ -301,8 +301,16 @@ class ChannelGraph:
                 raise ValueError(f"channel indices of {root!r} must lie in 0..{groups[root].channels - 1}, got {unique}")
             if len(unique) >= groups[root].channels:
                 raise ValueError(f"removing {len(unique)} of {groups[root].channels} channels of {root!r} would remove the whole layer")
+            if len(unique) % groups[root].step:
+                raise ValueError(f"channels of {root!r} change in multiples of {groups[root].step} "
+                                 f"(attention heads or norm groups), got {len(unique)}")
             if unique:
                 cleaned[root] = unique
+        for root, indices in cleaned.items():  # every layer's own constraints, before any layer changes
+            tp_group = self._tp_group_of(root, indices)
+            self._validate(tp_group.items)
+            for coupling in self._couplings.get(root, []):
+                self._validate(self._tp_group_of(coupling.layer, self._coupled_outputs(tp_group, coupling)).items)
         changes: dict[str, ParameterChange] = {}
         touched: dict[str, nn.Module] = {}
         with preserved_modes(self.model):
@@ -416,6 +424,17 @@ class ChannelGraph:
                 inputs = [i for i, r in zip(item.idxs, item.root_idxs) if root_channels is None or r in root_channels]
                 return [i * coupling.multiplier + k for i in inputs for k in range(coupling.multiplier)]
         raise RuntimeError(f"depthwise layer {coupling.layer!r} is not in the group that feeds it")
+
+    def _validate(self, items: Sequence[Any]) -> None:
+        for item in items:
+            target = item.dep.target.module
+            handler = handler_for(target) if isinstance(target, nn.Module) and _has_state(target) else None
+            if handler is not None:
+                side = self._side(item.dep)
+                try:
+                    handler.validate(target, side, kept_index(handler.size(target, side), list(item.idxs)))
+                except ValueError as error:
+                    raise ValueError(f"layer {self._names[target]!r}: {error}") from error
 
     def _apply(self, items: Sequence[Any], changes: dict[str, ParameterChange], touched: dict[str, nn.Module]) -> None:
         """Remove each item's indices of one DepGraph group."""

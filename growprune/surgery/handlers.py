@@ -115,6 +115,9 @@ class LayerHandler:
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``ValueError`` naming the layer if it is no longer consistent."""
 
+    def validate(self, module: nn.Module, side: str, index: torch.Tensor) -> None:
+        """Raise ``ValueError`` if :meth:`remap` would refuse ``index`` (called before a group changes)."""
+
     def channel_step(self, module: nn.Module) -> int:
         """Channels of this layer change in multiples of this (e.g. attention heads, norm groups)."""
         return 1
@@ -217,22 +220,44 @@ class ConvHandler(LayerHandler):
             return {"weight": replace_tensor(module, "weight", 0 if module.transposed else 1, index)}
         return self._remap_grouped_inputs(module, index)
 
-    def _remap_grouped_inputs(self, module: nn.modules.conv._ConvNd, index: torch.Tensor) -> dict[str, ParameterChange]:
+    def validate(self, module: nn.modules.conv._ConvNd, side: str, index: torch.Tensor) -> None:
+        if module.groups == 1 or self.is_depthwise(module):
+            return
+        if side == "in":
+            self._local_inputs(module, index)
+            return
+        out_per_group = module.out_channels // module.groups
+        kept = index[index >= 0]
+        counts = torch.bincount(kept // out_per_group, minlength=module.groups)
+        if index.numel() % module.groups or bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"grouped convolution ({module.groups} groups of {out_per_group} outputs): every group must keep "
+                f"the same number of output channels, this change keeps {counts.tolist()}"
+            )
+
+    @staticmethod
+    def _local_inputs(module: nn.modules.conv._ConvNd, index: torch.Tensor) -> torch.Tensor:
+        """The input map split per group, as positions within each group (raises if it mixes groups)."""
         groups, per_group = module.groups, module.in_channels // module.groups
         if index.numel() % groups:
             raise ValueError(
                 f"grouped convolution ({groups} groups): {index.numel()} input channels cannot be split into equal groups"
             )
-        new_per_group = index.numel() // groups
-        local = index.view(groups, new_per_group).clone()
+        local = index.view(groups, index.numel() // groups).clone()
         for group in range(groups):
             old = local[group][local[group] >= 0]
             if bool(((old < group * per_group) | (old >= (group + 1) * per_group)).any()):
                 raise ValueError(
                     f"grouped convolution ({groups} groups of {per_group} inputs): a channel would move to another "
-                    "group; every group must keep its own channels"
+                    "group, or the groups would keep different numbers of channels; every group must keep as many "
+                    "of its own channels as the others"
                 )
             local[group] = torch.where(local[group] >= 0, local[group] - group * per_group, local[group])
+        return local
+
+    def _remap_grouped_inputs(self, module: nn.modules.conv._ConvNd, index: torch.Tensor) -> dict[str, ParameterChange]:
+        groups, per_group = module.groups, module.in_channels // module.groups
+        local = self._local_inputs(module, index)
         old_weight = module.weight
         out_per_group = module.out_channels // groups
         rows = local.repeat_interleave(out_per_group, dim=0)  # (out_channels, new_per_group)
@@ -391,6 +416,13 @@ class MultiheadAttentionHandler(LayerHandler):
 
     def channel_step(self, module: nn.MultiheadAttention) -> int:
         return module.num_heads
+
+    def validate(self, module: nn.MultiheadAttention, side: str, index: torch.Tensor) -> None:
+        if not module._qkv_same_embed_dim:
+            raise ValueError("growprune changes attention only with one packed in-projection (kdim = vdim = embed_dim)")
+        if index.numel() % module.num_heads:
+            raise ValueError(f"attention with {module.num_heads} heads cannot have embedding size {index.numel()}: "
+                             f"channels must change in multiples of the head count")
 
     def remap(self, module: nn.MultiheadAttention, side: str, index: torch.Tensor) -> dict[str, ParameterChange]:
         if not module._qkv_same_embed_dim:
