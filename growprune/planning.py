@@ -285,10 +285,3 @@ class ChannelPlanner:
         total_channels = sum(g.channels for g in groups)
         mean = sum(costs[g.root] * g.channels for g in groups) / total_channels
         return {root: max(cost / mean, 1e-6) if mean > 0 else 1.0 for root, cost in costs.items()}
-
-
-def plan_channel_removal(model: nn.Module, input_shape: Sequence[int], groups: Sequence[Any], scores: dict[str, torch.Tensor],
-                         amount: float, original: dict[str, Any] | None = None, **options: Any) -> dict[str, list[int]]:
-    """One call: a :class:`ChannelPlanner` built from ``options``; ``original`` defaults to the model now."""
-    original = original if original is not None else original_size(model, input_shape, groups)
-    return ChannelPlanner(**options).plan(model, input_shape, groups, scores, amount, original)

@@ -34,7 +34,6 @@ computation masks weights temporarily and restores them before the final masks a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -55,12 +54,13 @@ from growprune.criteria.nnrelief import (
 )
 from growprune.schedules import Constant, Schedule
 from growprune.strategies.base import Strategy, broadcast_from_rank_zero, tensor_dict_to
-from growprune.surgery.masks import select_layers, sparsity, weight_layers
 from growprune.surgery.edits import MaskWeights
-from growprune.validation import check_integer, check_number
+from growprune.surgery.masks import select_layers, sparsity, weight_layers
 # the unit-level graph lives in growprune.surgery.units; UnitLink, LinkReport and trace_unit_links
 # stay importable from here for existing users
 from growprune.surgery.units import LinkReport, UnitLink, forward_order, trace_unit_links  # noqa: F401
+from growprune.validation import check_integer, check_number
+
 
 # ---------------------------------------------------------------------- unit-level mask ops
 def _input_layout(layer: nn.Module) -> tuple[int, int, int]:

@@ -400,8 +400,9 @@ class ChannelGraph:
         return side, (id(target), "out" if depthwise or one_sided else side)
 
     def _check_growable(self, root: str) -> None:
+        modules = dict(self.model.named_modules())
         for name, _ in self._members(self._tp_group_of(root)):
-            module = self.model.get_submodule(name) if not isinstance(self._find_tensor(name), nn.Parameter) else None
+            module = modules.get(name)  # None: a bare parameter (e.g. layer scale), which cannot grow
             if module is None or handler_for(module) is None:
                 kind = "a bare parameter" if module is None else type(module).__name__
                 raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is {kind}, which has no "
@@ -409,12 +410,6 @@ class ChannelGraph:
             if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
                 raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is a grouped convolution "
                                  f"({module.groups} groups of several channels); growing grouped convolutions is not supported")
-
-    def _find_tensor(self, name: str) -> Any:
-        try:
-            return self.model.get_parameter(name)
-        except AttributeError:
-            return self.model.get_submodule(name)
 
     def _coupled_outputs(self, tp_group: Any, coupling: _Coupling, root_channels: Sequence[int] | None = None) -> list[int]:
         """Output channels of a multiplier-m depthwise conv fed by the given root channels of ``tp_group``."""
@@ -547,11 +542,3 @@ def _with_insertions(size: int, spots: Sequence[tuple[int, int]]) -> torch.Tenso
         cursor = after + 1
     pieces.append(torch.arange(cursor, size))
     return torch.cat(pieces).long()
-
-
-def new_entries(change: ParameterChange, dim: int = 0) -> torch.Tensor:
-    """Positions along ``dim`` that a change added (for growth initialisers)."""
-    index = change.index[dim] if change.index else None
-    if index is None:
-        return torch.empty(0, dtype=torch.long)
-    return torch.nonzero(index == NEW).flatten()
