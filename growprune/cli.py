@@ -25,6 +25,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from growprune.data import DigitsDataModule, GrowPruneDataModule, list_datamodules
+from growprune.errors import ConfigurationError
 from growprune.loggers import WandbLogger
 from growprune.metrics import measure_latency
 from growprune.module import GrowPruneModule
@@ -40,10 +41,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 SUMMARY_KEYS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss_epoch")
 SIZE_KEYS = ("params/total", "params/nonzero", "flops/dense", "flops/effective", "compression", "latency/batch1_ms")
-
-
-class ConfigurationError(Exception):
-    """A bad configuration found while building the model, data or trainer (before any training)."""
 
 
 class GrowPruneCLI(LightningCLI):
