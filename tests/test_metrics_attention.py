@@ -89,3 +89,48 @@ def test_attention_counted_in_a_transformer_encoder_layer_under_no_grad():
     expected = 2 * L * E * 3 * E + 4 * L * L * E + 2 * L * E * E + 2 * (2 * L * E * 2 * E)
     with torch.no_grad():
         assert dense_flops(layer, (L, E)) == expected
+
+
+class PaddedEncoder(nn.Module):
+    """An nn.TransformerEncoder stack run with a key-padding mask: in eval mode under no_grad its fast
+    path packs the unpadded tokens into a nested tensor and runs fused kernels the counter cannot see."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=E, nhead=H, dim_feedforward=2 * E, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        padding[:, -1] = True  # the last token is padding
+        return self.encoder(x, src_key_padding_mask=padding)
+
+
+def test_attention_counted_in_a_transformer_encoder_stack_with_padding():
+    """Every token is computed on the slow path (padding only masks attention), so: layers x one layer."""
+    model = PaddedEncoder(layers=2)
+    per_layer = 2 * L * E * 3 * E + 4 * L * L * E + 2 * L * E * E + 2 * (2 * L * E * 2 * E)
+    with torch.no_grad():
+        assert dense_flops(model, (L, E)) == 2 * per_layer
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def vit_b_16_by_hand(side: int, classes: int) -> int:
+    """ViT-B/16 (Dosovitskiy et al. 2021): 16x16 patches, 12 layers, width 768, MLP 3072, one class token."""
+    patches, width, mlp, layers = (side // 16) ** 2, 768, 3072, 12
+    tokens = patches + 1
+    embedding = 2 * patches * width * 3 * 16 * 16
+    layer = 2 * tokens * width * 3 * width + 4 * tokens**2 * width + 2 * tokens * width**2 + 2 * 2 * tokens * width * mlp
+    return embedding + layers * layer + 2 * width * classes  # the head reads the class token only
+
+
+def test_torchvision_vit_b_16_at_64x64_counts_its_attention():
+    """Issue 8: counted under eval + no_grad with the fast path on, this gave 1.94 GFLOPs instead of 2.91.
+    Built for real (about 1 s): on the meta device the fast path never runs, so the bug would not show."""
+    from growprune.models import create_model
+
+    model = create_model("torchvision.vit_b_16", num_classes=1000, image_size=64)
+    expected = vit_b_16_by_hand(64, 1000)
+    assert expected / 1e9 == pytest.approx(2.9188, abs=1e-4)
+    with torch.no_grad():
+        assert dense_flops(model.eval(), (3, 64, 64)) == expected
