@@ -101,6 +101,23 @@ def test_attention_heads_keep_equal_widths():
     assert attention.embed_dim == 6  # refused before anything changed
 
 
+def test_attention_heads_keep_their_own_dimensions_when_the_embedding_changes_unevenly():
+    attention = nn.MultiheadAttention(8, 2)  # heads: dimensions 0-3 and 4-7
+    before = {name: tensor.detach().clone() for name, tensor in tensors(attention).items()}
+    changes = handler_for(attention).remap(attention, "out", kept_index(8, [0, 1, 2, 4]))  # 3 of head 0, 1 of head 1
+    assert attention.embed_dim == 4 and attention.head_dim == 2
+    inner = changes["in_proj_weight"].index[0][:4]
+    # the residual stream keeps exactly the planned channels; inside, each new head holds only its old head's dimensions
+    assert changes["in_proj_weight"].index[1].tolist() == [3, 5, 6, 7] and changes["out_proj.weight"].index[0].tolist() == [3, 5, 6, 7]
+    assert (inner // 4).tolist() == [0, 0, 1, 1] and changes["out_proj.weight"].index[1].tolist() == inner.tolist()
+    for name, change in changes.items():
+        assert torch.equal(change.carry(before[name], tensors(attention)[name].shape), tensors(attention)[name].detach()), name
+    # growth by two: one new dimension at the end of each head, never a neighbour's dimension
+    grown = handler_for(attention).remap(attention, "out", inserted_index(4, 3, 2))
+    assert grown["in_proj_weight"].index[0][:6].tolist() == [0, 1, NEW, 2, 3, NEW]
+    assert attention(torch.randn(3, 1, 6), torch.randn(3, 1, 6), torch.randn(3, 1, 6))[0].shape == (3, 1, 6)
+
+
 def test_index_maps_compose_and_carry_state():
     old = torch.arange(12.0).view(3, 4)
     first = ParameterChange(old, [torch.tensor([0, 2]), torch.tensor([1, NEW, 3])])
@@ -134,22 +151,27 @@ def test_custom_layer_handler_plugs_into_resize():
         def __init__(self, n):
             super().__init__()
             self.scale = nn.Parameter(torch.ones(n))
+            self.register_buffer("seen", torch.zeros(n))  # a per-channel buffer: no bare parameter
 
         def forward(self, x):
             return x * self.scale
+
+    calls = []
 
     class ScaleHandler(LayerHandler):
         def out_channels(self, module):
             return module.scale.shape[0]
 
         def remap(self, module, side, index):
-            return {"scale": replace_tensor(module, "scale", 0, index, fill=1.0)}
+            calls.append(side)
+            return {"scale": replace_tensor(module, "scale", 0, index, fill=1.0),
+                    "seen": replace_tensor(module, "seen", 0, index)}
 
         def sizes_from_shapes(self, module, shapes):
             return {"out": int(shapes["scale"][0])}
 
     model = nn.Sequential(nn.Linear(4, 4), Scale(4))
-    state = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2), "1.scale": torch.full((2,), 3.0)}
+    state = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2), "1.scale": torch.full((2,), 3.0), "1.seen": torch.ones(2)}
     with pytest.raises(ValueError, match="layer '1' \\(Scale\\)"):
         resize_to_state_dict(model, state)
     assert model[0].weight.shape == (4, 4)  # nothing changed: every layer is checked first
@@ -157,7 +179,7 @@ def test_custom_layer_handler_plugs_into_resize():
     try:
         resize_to_state_dict(model, state)
         model.load_state_dict(state)
-        assert model[1].scale.tolist() == [3.0, 3.0]
+        assert model[1].scale.tolist() == [3.0, 3.0] and calls == ["out"]  # the layer handler, not the bare-parameter path
     finally:
         unregister_layer_handler(Scale)
     assert handler_for(Scale(1)) is None

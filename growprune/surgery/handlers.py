@@ -28,11 +28,16 @@ convolutions, any channel multiplier), ``_BatchNorm``, ``_InstanceNorm``, ``Grou
             return {"scale": replace_tensor(module, "scale", 0, index, fill=1.0)}
 
     register_layer_handler(MyScale, ScaleHandler())
+
+*Bare* parameters, an ``nn.Parameter`` that a module uses directly in ``forward`` (ConvNeXt's
+layer scale, a ViT's class token and position embedding), have a :class:`ParameterHandler`
+instead, per owner type and attribute name (:func:`register_parameter_handler`); without one they
+are changed along the only dimension whose size is the channel count, new entries 0.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -405,10 +410,13 @@ class EmbeddingHandler(LayerHandler):
 class MultiheadAttentionHandler(LayerHandler):
     """``nn.MultiheadAttention`` (packed q/k/v projection): channels are the embedding dimension.
 
-    The embedding dimension is both the input and the output of the layer, so one index map
-    moves the columns of the packed in-projection, its rows for each of query, key and value, the
-    out-projection's rows and columns and the optional ``bias_k``/``bias_v``. The new size must
-    stay divisible by ``num_heads`` (every head keeps the same width).
+    The embedding dimension is both the input and the output of the layer: the index map moves
+    the columns of the packed in-projection and the out-projection's rows (the residual stream).
+    The query, key and value rows, the out-projection's columns and ``bias_k``/``bias_v`` live
+    inside the heads: they follow the same map head by head, so every head keeps only its own
+    dimensions and all heads keep the same width (a removal that takes more channels from one
+    head than from another is evened out inside the heads; growth adds the new dimensions at the
+    end of every head). The new size must stay divisible by ``num_heads``.
     """
 
     def out_channels(self, module: nn.MultiheadAttention) -> int:
@@ -433,20 +441,44 @@ class MultiheadAttentionHandler(LayerHandler):
         if size % module.num_heads:
             raise ValueError(f"attention with {module.num_heads} heads cannot have embedding size {size}: "
                              f"channels must change in multiples of the head count")
-        packed = torch.cat([torch.where(index >= 0, index + part * embed, index) for part in range(3)])
+        inner = _per_head(index, embed, module.num_heads)
+        packed = torch.cat([torch.where(inner >= 0, inner + part * embed, inner) for part in range(3)])
         changes = {"in_proj_weight": _replace_dims(module, "in_proj_weight", [packed, index])}
         if module.in_proj_bias is not None:
             changes["in_proj_bias"] = _replace_dims(module, "in_proj_bias", [packed])
-        changes["out_proj.weight"] = _replace_dims(module.out_proj, "weight", [index, index])
+        changes["out_proj.weight"] = _replace_dims(module.out_proj, "weight", [index, inner])
         if module.out_proj.bias is not None:
             changes["out_proj.bias"] = _replace_dims(module.out_proj, "bias", [index])
         for key in ("bias_k", "bias_v"):
             if getattr(module, key, None) is not None:
-                changes[key] = replace_tensor(module, key, 2, index)
+                changes[key] = replace_tensor(module, key, 2, inner)
         module.embed_dim = module.kdim = module.vdim = size
         module.head_dim = size // module.num_heads
         module.out_proj.in_features = module.out_proj.out_features = size
         return changes
+
+    def sizes_from_shapes(self, module: nn.MultiheadAttention, shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+        return {"out": int(shapes["in_proj_weight"][1])}
+
+
+def _per_head(index: torch.Tensor, embed: int, heads: int) -> torch.Tensor:
+    """The map of the dimensions inside the heads for an embedding map ``index``: head by head.
+
+    Each head keeps the dimensions of its own that ``index`` keeps (in order); a head left with
+    too many drops its last ones, one left with too few takes back its own dropped dimensions
+    (first ones first), then new ones. A removal that keeps equally many channels of every head
+    gives ``index`` itself.
+    """
+    head_dim, width = embed // heads, index.numel() // heads
+    old = index[index >= 0]
+    pieces = []
+    for head in range(heads):
+        own = torch.arange(head * head_dim, (head + 1) * head_dim)
+        kept = old[(old // head_dim) == head][:width]
+        back = own[~torch.isin(own, kept)][: max(0, width - kept.numel())]
+        chosen = torch.sort(torch.cat([kept, back])).values
+        pieces += [chosen, torch.full((width - chosen.numel(),), NEW, dtype=torch.long)]
+    return torch.cat(pieces).long()
 
 
 def _replace_dims(module: nn.Module, name: str, indices: list[torch.Tensor]) -> ParameterChange:
@@ -494,3 +526,141 @@ register_layer_handler(nn.LayerNorm, LayerNormHandler())
 register_layer_handler(nn.PReLU, PReLUHandler())
 register_layer_handler(nn.Embedding, EmbeddingHandler())
 register_layer_handler(nn.MultiheadAttention, MultiheadAttentionHandler())
+
+
+# ------------------------------------------------------------------------------ bare parameters
+class ParameterHandler:
+    """How a *bare* parameter changes: an ``nn.Parameter`` a module uses directly in ``forward``.
+
+    ConvNeXt's layer scale (``CNBlock.layer_scale``, shape ``(C, 1, 1)``), a ViT's class token
+    ``(1, 1, D)`` and position embedding ``(1, S, D)`` belong to no weight layer: DepGraph puts
+    them in the channel group they touch, and growprune changes them like any layer, through an
+    index map along their channel dimension (so optimizer state, masks, growth, the edit log and
+    checkpoint resizing follow them).
+
+    Args:
+        dim: the channel dimension. ``None``: the only dimension whose size is the channel count
+            DepGraph sees; a shape with two such dimensions (``(32, 32)``) is refused as ambiguous.
+        fill: value of new entries (growth): a number, or ``"mean"`` for the mean of the existing
+            entries along the channel dimension. The default 0 is neutral for additive parameters
+            (token, position embedding). A multiplicative per-channel scale may take any value
+            and still keep the function, since a new channel's input weights are zero and so is
+            what the scale multiplies; ``"mean"`` puts the new channel on its peers' scale
+            (for a fresh ConvNeXt: its initial 1e-6) so that it can learn once initialised.
+        sync: called with the owner module after a change, to update attributes that mirror the
+            size (e.g. ``VisionTransformer.hidden_dim``, which its ``forward`` reshapes by).
+    """
+
+    def __init__(self, dim: int | None = None, fill: float | str = 0.0,
+                 sync: Callable[[nn.Module], None] | None = None):
+        if isinstance(fill, str) and fill != "mean":
+            raise ValueError(f"fill must be a number or 'mean', got {fill!r}")
+        self.dim = dim
+        self.fill = fill
+        self.sync = sync
+
+    def channel_dim(self, parameter: torch.Tensor, depgraph_dim: int | None, name: str) -> int:
+        """The channel dimension of ``parameter`` (``depgraph_dim``: the one DepGraph indexed)."""
+        if self.dim is not None:
+            return self.dim % parameter.dim()
+        if depgraph_dim is None:
+            raise ValueError(f"bare parameter {name!r} of shape {tuple(parameter.shape)} has no channel dimension "
+                             "(every dimension has size 1)")
+        channels = parameter.shape[depgraph_dim]
+        candidates = [dim for dim, size in enumerate(parameter.shape) if size == channels]
+        if len(candidates) > 1:
+            raise ValueError(
+                f"bare parameter {name!r} of shape {tuple(parameter.shape)}: dimensions {candidates} all have "
+                f"{channels} entries, so which one holds the channels is ambiguous; say it with "
+                f"growprune.surgery.handlers.register_parameter_handler(<owner type>, {name.rpartition('.')[2]!r}, "
+                "ParameterHandler(dim=...))"
+            )
+        return depgraph_dim % parameter.dim()
+
+    def remap(self, owner: nn.Module, key: str, dim: int, index: torch.Tensor) -> ParameterChange:
+        """Rebuild ``owner.<key>`` along ``dim`` through ``index`` (new entries: :attr:`fill`)."""
+        old = getattr(owner, key)
+        index = _check_index(index, old.shape[dim], f"bare parameter {key!r}")
+        if self.fill == "mean":
+            change = replace_tensor(owner, key, dim, index)
+            shape = [1] * old.dim()
+            shape[dim] = -1
+            is_new = (index < 0).to(old.device).view(shape)
+            mean = old.detach().mean(dim=dim, keepdim=True)
+            set_tensor(owner, key, torch.where(is_new, mean, getattr(owner, key).detach()).contiguous())
+        else:
+            change = replace_tensor(owner, key, dim, index, float(self.fill))
+        if self.sync is not None:
+            self.sync(owner)
+        return change
+
+    def resize(self, owner: nn.Module, key: str, shape: Sequence[int], name: str) -> None:
+        """Resize ``owner.<key>`` to a stored ``shape`` (one dimension may differ; values are loaded afterwards)."""
+        current = tuple(getattr(owner, key).shape)
+        shape = tuple(int(size) for size in shape)
+        differ = [dim for dim, (a, b) in enumerate(zip(current, shape)) if a != b]
+        if len(current) != len(shape) or len(differ) > 1 or (differ and self.dim is not None
+                                                                 and differ[0] != self.dim % len(current)):
+            raise ValueError(f"bare parameter {name!r}: cannot resize shape {current} to {shape} "
+                             "(only its channel dimension may change)")
+        if differ:
+            self.remap(owner, key, differ[0], _grown_or_cut(current[differ[0]], shape[differ[0]]))
+
+
+def _sync_vit_hidden_dim(owner: nn.Module) -> None:
+    # torchvision's VisionTransformer reshapes the patch embedding by its own hidden_dim attribute
+    owner.hidden_dim = int(owner.class_token.shape[-1])
+
+
+_PARAMETER_HANDLERS: dict[tuple[type, str], ParameterHandler] = {}
+DEFAULT_PARAMETER_HANDLER = ParameterHandler()
+# torchvision's bare parameters, matched by class name so that growprune never imports torchvision
+# itself (an owner of one of these types means torchvision is loaded already)
+_TORCHVISION_PARAMETERS: dict[tuple[str, str], ParameterHandler] = {
+    ("torchvision.models.convnext.CNBlock", "layer_scale"): ParameterHandler(dim=0, fill="mean"),
+    ("torchvision.models.vision_transformer.VisionTransformer", "class_token"):
+        ParameterHandler(dim=-1, fill=0.0, sync=_sync_vit_hidden_dim),
+    ("torchvision.models.vision_transformer.Encoder", "pos_embedding"): ParameterHandler(dim=-1, fill=0.0),
+}
+
+
+def register_parameter_handler(owner_type: type, name: str, handler: ParameterHandler) -> None:
+    """Use ``handler`` for the bare parameter ``name`` of ``owner_type`` modules (and subclasses)."""
+    if not isinstance(owner_type, type) or not issubclass(owner_type, nn.Module):
+        raise TypeError(f"owner_type must be an nn.Module subclass, got {owner_type!r}")
+    if not isinstance(handler, ParameterHandler):
+        raise TypeError(f"handler must be a ParameterHandler, got {type(handler).__name__}")
+    _PARAMETER_HANDLERS[(owner_type, name)] = handler
+
+
+def unregister_parameter_handler(owner_type: type, name: str) -> None:
+    """Forget the handler registered for exactly ``owner_type`` and ``name``."""
+    _PARAMETER_HANDLERS.pop((owner_type, name), None)
+
+
+def registered_parameter_handler(owner: nn.Module, name: str) -> ParameterHandler | None:
+    """The handler registered for bare parameter ``name`` of ``owner`` (by method resolution order), or ``None``."""
+    for cls in type(owner).__mro__:
+        handler = _PARAMETER_HANDLERS.get((cls, name)) or _TORCHVISION_PARAMETERS.get((f"{cls.__module__}.{cls.__qualname__}", name))
+        if handler is not None:
+            return handler
+    return None
+
+
+def parameter_handler_for(owner: nn.Module, name: str) -> ParameterHandler:
+    """The handler of bare parameter ``name`` of ``owner``: the registered one, else the default (fill 0)."""
+    return registered_parameter_handler(owner, name) or DEFAULT_PARAMETER_HANDLER
+
+
+def bare_parameter_dims(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """``(parameter, channel dimension)`` of every parameter of ``model`` whose handler names the dimension.
+
+    Passed to DepGraph, so its channel indices refer to the same dimension growprune changes.
+    """
+    dims = []
+    for owner in model.modules():
+        for key, parameter in owner.named_parameters(recurse=False):
+            handler = registered_parameter_handler(owner, key)
+            if handler is not None and handler.dim is not None:
+                dims.append((parameter, handler.dim % parameter.dim()))
+    return dims
