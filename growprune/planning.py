@@ -20,6 +20,7 @@ concatenation, are approximated).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from growprune.metrics import count_parameters, dense_flops, layer_flops, layer_times
+from growprune.metrics import count_parameters, dense_flops, flop_table, layer_flops, layer_times
 from growprune.validation import check_integer, check_number
 
 TARGETS = ("channels", "params", "flops")
@@ -49,6 +50,36 @@ class _Layer:
 
 def _step(group: Any) -> int:
     return int(getattr(group, "step", 1) or 1)
+
+
+def removal_order(group: Any, scores: torch.Tensor) -> list[int]:
+    """A group's channels from the lowest score up. For a grouped-convolution group (``parts``, see
+    :class:`~growprune.surgery.channels.ChannelGroup`) every prefix of a multiple of ``len(parts)``
+    channels takes equally many from each part, so counts in multiples of ``step`` stay balanced."""
+    if getattr(group, "parts", ()):
+        return group.removal_order(scores)
+    return torch.argsort(scores).tolist()
+
+
+def balanced_subset(group: Any, candidates: Sequence[int], count: int, multiple: int = 1) -> list[int]:
+    """At most ``count`` of ``candidates`` (best first), taking the same number from every part of a
+    grouped-convolution group, and leaving a multiple of ``multiple`` channels (or all of them).
+
+    For a group without parts: ``candidates[:count]``. For one with parts, each part gives its
+    first candidates; a part with fewer candidates than its share lowers everyone's share (no
+    channel outside ``candidates`` is taken), e.g. for a threshold rule like network slimming.
+    """
+    parts = getattr(group, "parts", ())
+    if not parts:
+        return list(candidates[:count])
+    where = {index: number for number, part in enumerate(parts) for index in part}
+    per_part: list[list[int]] = [[] for _ in parts]
+    for index in candidates:
+        per_part[where[index]].append(index)
+    share = min(count // len(parts), min(len(chosen) for chosen in per_part))
+    while share > 0 and (group.channels - share * len(parts)) % multiple:
+        share -= 1
+    return [index for chosen in per_part for index in chosen[:share]]
 
 
 def original_size(model: nn.Module, input_shape: Sequence[int], groups: Sequence[Any]) -> dict[str, Any]:
@@ -129,16 +160,29 @@ class ChannelPlanner:
         for group in groups:
             for layer, side in group.members:
                 owners.setdefault(layer, {})[side] = group.root
+        attention = {name: owners[name]["out"] for name, module in model.named_modules()
+                     if isinstance(module, nn.MultiheadAttention) and "out" in owners.get(name, {})}
+        scores: dict[str, float] = {}
+        if attention:  # attention's projections read and write the embedding (both sides shrink), its scores one side
+            for site, flops in flop_table(model, input_shape).items():
+                if site.layer in attention and site.parameter is None:
+                    scores[site.layer] = scores.get(site.layer, 0.0) + flops
+            for name, root in attention.items():
+                owners[name]["in"] = root
+                owners[f"{name}.out_proj" if name else "out_proj"] = {"out": root, "in": root}
         layers = {}
         for name, module in model.named_modules():
             parameters = list(module.named_parameters(recurse=False))
             if not parameters:
                 continue
-            weight = sum(p.numel() for key, p in parameters if key == "weight" and p.dim() >= 2)
+            weight = sum(p.numel() for key, p in parameters if key in ("weight", "in_proj_weight") and p.dim() >= 2)
             other = sum(p.numel() for key, p in parameters) - weight
             depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
             layers[name] = _Layer(per_layer.get(name, 0.0), weight, other, owners.get(name, {}).get("out"),
                                   owners.get(name, {}).get("in"), depthwise)
+        for name, flops in scores.items():
+            layers[name] = dataclasses.replace(layers[name], flops=layers[name].flops - flops)
+            layers[f"{name}#scores"] = _Layer(flops, 0, 0, attention[name], None, False)
         layers[""] = _Layer(float(per_layer[""]), count_parameters(model), 0, None, None, False)
         return layers
 
@@ -174,7 +218,8 @@ class ChannelPlanner:
         if cost_aware:
             costs = self._cost_per_channel(model, input_shape, groups, layers)
             scores = {root: score / costs[root] for root, score in scores.items()}
-        order = {root: torch.argsort(score).tolist() for root, score in scores.items()}
+        by_root = {group.root: group for group in groups}
+        order = {root: removal_order(by_root.get(root), score) for root, score in scores.items()}
         excluded = {g.root for g in groups if not torch.isfinite(scores[g.root]).any()}
         caps = self.caps(groups, original, excluded)
         if self.scope == "layer" and self.target == "channels":
@@ -226,7 +271,7 @@ class ChannelPlanner:
         """
         blocks: list[tuple[float, str, int]] = []
         for group in groups:
-            ordered = torch.sort(scores[group.root]).values
+            ordered = scores[group.root][removal_order(group, scores[group.root])]
             kept = group.channels
             floor = self.kept_count(group.channels - caps[group.root], group.channels, _step(group))
             multiple = self._multiple(group)

@@ -36,9 +36,10 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from growprune.criteria.channels import BNScaleCriterion
-from growprune.planning import original_size
+from growprune.errors import ConfigurationError
+from growprune.planning import balanced_subset, original_size
 from growprune.schedules import OneShot, Schedule
-from growprune.strategies.base import broadcast_from_rank_zero
+from growprune.strategies.base import broadcast_from_rank_zero, training_length
 from growprune.strategies.structured import TOLERANCE, StructuredPruning
 from growprune.surgery.channels import ChannelGroup
 from growprune.surgery.edits import RemoveChannels
@@ -138,12 +139,14 @@ class _BNRegularisedPruning(StructuredPruning):
         round_to: int | None,
         name: str | None,
         verbose: bool,
+        fit_schedule: bool = False,
     ):
         self._default_schedule = schedule is None
         if schedule is None:
             schedule = OneShot(amount=0.0, at=0)  # each fit acts at DEFAULT_PRUNE_AT of its epochs instead
         super().__init__(schedule, criterion=_RegularisedScaleCriterion(), target="channels", scope="global",
-                         skip=skip, min_channels=min_channels, round_to=round_to, name=name, verbose=verbose)
+                         skip=skip, min_channels=min_channels, round_to=round_to, name=name, verbose=verbose,
+                         fit_schedule=fit_schedule)
 
     def reset(self) -> None:
         super().reset()
@@ -191,12 +194,15 @@ class _BNRegularisedPruning(StructuredPruning):
     def resolve_schedule(self, trainer: pl.Trainer) -> Schedule:
         if not self._default_schedule:
             return super().resolve_schedule(trainer)
+        length, bound = training_length(trainer, "epoch")
         at = self._stored_prune_at  # a resumed run prunes when the original run planned to
         if at is None:
-            if not trainer.max_epochs or trainer.max_epochs < 1:
-                raise ValueError(f"{self.name}: the default schedule needs max_epochs; give a schedule")
-            at = min(trainer.max_epochs - 1, int(DEFAULT_PRUNE_AT * trainer.max_epochs))
-        return OneShot(amount=0.0, at=at)
+            if length is None:
+                raise ConfigurationError(f"{self.name}: the default schedule prunes after {DEFAULT_PRUNE_AT:.0%} of the "
+                                         f"epochs, but training is unbounded ({bound}); give a schedule")
+            # the epochs that really start (max_steps may end training early), not max_epochs
+            at = max(0, min(length - 1, int(DEFAULT_PRUNE_AT * length)))
+        return self.fit_to_training(OneShot(amount=0.0, at=at), length, bound)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -280,7 +286,10 @@ class _BNRegularisedPruning(StructuredPruning):
         """
         caps = {group.root: group.channels - self.planner.kept_count(self.min_channels, group.channels) for group in groups}
         counts = self.planner._rounded(groups, {root: len(indices) for root, indices in wanted.items()}, caps)
-        return {root: sorted(indices[:counts[root]]) for root, indices in wanted.items() if counts.get(root, 0) > 0}
+        by_root = {group.root: group for group in groups}  # grouped convolutions: the same number from every part
+        chosen = {root: balanced_subset(by_root[root], indices, counts[root], self.planner._multiple(by_root[root]))
+                  for root, indices in wanted.items() if counts.get(root, 0) > 0}
+        return {root: sorted(indices) for root, indices in chosen.items() if indices}
 
     # -------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -322,6 +331,8 @@ class NetworkSlimming(_BNRegularisedPruning):
         round_to: keep channel counts at multiples of this; ``None``: any.
         name: metric prefix, edit-log key and name of the loss term.
         verbose: print a line after each pruning step.
+        fit_schedule: compress a given schedule that would end after training into it, instead of
+            refusing it (see :class:`~growprune.strategies.Strategy`); the default schedule always fits.
     """
 
     def __init__(
@@ -334,11 +345,12 @@ class NetworkSlimming(_BNRegularisedPruning):
         round_to: int | None = None,
         name: str | None = None,
         verbose: bool = True,
+        fit_schedule: bool = False,
     ):
         self.lambda_l1 = check_number("lambda_l1", lambda_l1, minimum=0.0)
         self.prune_fraction = check_number("prune_fraction", prune_fraction, minimum=0.0, maximum=1.0,
                                            strict_minimum=True, strict_maximum=True)
-        super().__init__(schedule, skip, min_channels, round_to, name, verbose)
+        super().__init__(schedule, skip, min_channels, round_to, name, verbose, fit_schedule)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         return l1_penalty(self.scales(model), self.lambda_l1)
@@ -405,6 +417,8 @@ class PolarizationPruning(_BNRegularisedPruning):
         round_to: keep channel counts at multiples of this; ``None``: any.
         name: metric prefix, edit-log key and name of the loss term.
         verbose: print a line after each pruning step.
+        fit_schedule: compress a given schedule that would end after training into it, instead of
+            refusing it (see :class:`~growprune.strategies.Strategy`); the default schedule always fits.
     """
 
     def __init__(
@@ -419,6 +433,7 @@ class PolarizationPruning(_BNRegularisedPruning):
         round_to: int | None = None,
         name: str | None = None,
         verbose: bool = True,
+        fit_schedule: bool = False,
     ):
         self.lambda_ = check_number("lambda_", lambda_, minimum=0.0)
         self.t = check_number("t", t, minimum=1.0, strict_minimum=True)
@@ -427,7 +442,7 @@ class PolarizationPruning(_BNRegularisedPruning):
         check_integer("bins", bins, minimum=3)
         self.initial_scale = initial_scale
         self.bins = bins
-        super().__init__(schedule, skip, min_channels, round_to, name, verbose)
+        super().__init__(schedule, skip, min_channels, round_to, name, verbose, fit_schedule)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         return polarization_penalty(self.scales(model), self.lambda_, self.t)

@@ -14,6 +14,16 @@ run in two directions:
 * depthwise convolutions with a channel multiplier m > 1 (DepGraph treats their inputs and
   outputs as unrelated) are coupled here: removing or adding an input channel of such a layer
   removes or adds its m outputs, with everything that consumes them;
+* grouped convolutions (ResNeXt, RegNet) and ``torch.chunk`` split a group's channels into equal
+  *parts* (:attr:`ChannelGroup.parts`): every part loses and gains the same number of channels,
+  so each conv group keeps its own inputs and outputs and each chunk stays equal;
+* channels that pass through a channel shuffle, a block that calls its layers' weights through
+  ``torch.nn.functional`` (torchvision's Swin attention), a split into fixed sizes or a grouped
+  convolution fed by a concatenation stay whole (:attr:`ChannelGraph.held` says why, and a
+  warning lists them); building and walking DepGraph is bounded (:mod:`growprune.surgery.depgraph`);
+* bare parameters (an ``nn.Parameter`` used directly in ``forward``: layer scale, class token,
+  position embedding) are changed by their :class:`~growprune.surgery.handlers.ParameterHandler`,
+  in both directions, along the channel dimension DepGraph indexes;
 * layer types without a growprune handler are changed by DepGraph's own function (removal only),
   with their changes inferred tensor by tensor (a tensor whose map cannot be inferred is
   reported, and its optimizer state restarts).
@@ -27,6 +37,7 @@ and reported by name before the real model is touched.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 import warnings
@@ -35,11 +46,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
+from growprune.errors import ConfigurationError
 from growprune.modes import preserved_modes
 from growprune.surgery.changes import NEW, ParameterChange, kept_index
-from growprune.surgery.handlers import ConvHandler, handler_for
+from growprune.surgery.handlers import ConvHandler, ParameterHandler, bare_parameter_dims, handler_for, parameter_handler_for
+from growprune.surgery.depgraph import GraphLimits, TracedGraph, all_groups, build_dependency_graph, dependency_group
 from growprune.surgery.units import execution_order
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -55,7 +67,12 @@ class ChannelGroup:
         members: ``(layer name, "out" | "in")`` for every layer with parameters that changes with it.
         prunable: ``False`` when the group would change a skipped layer's output channels.
         step: channels change in multiples of this (the least common multiple of what the members
-            need, e.g. attention heads or group-norm groups); 1 for most groups.
+            need, e.g. attention heads, group-norm groups or the number of ``parts``); 1 for most groups.
+        parts: for a group that feeds or is a grouped convolution (ResNeXt, RegNet), or meets a
+            ``torch.chunk``: its channels (root indices) split into the equal parts that the
+            convolution's groups (the chunk's pieces) see. Every part loses and gains the same number
+            of channels, so every group of the convolution keeps its own inputs and outputs and every
+            piece stays equal. Empty for most groups.
     """
 
     root: str
@@ -63,10 +80,30 @@ class ChannelGroup:
     members: list[tuple[str, str]] = field(default_factory=list)
     prunable: bool = True
     step: int = 1
+    parts: tuple[tuple[int, ...], ...] = ()
 
     @property
     def layers(self) -> list[str]:
         return sorted({name for name, _ in self.members})
+
+    def removal_order(self, scores: torch.Tensor) -> list[int]:
+        """Channel indices from the lowest score up, such that every prefix whose length is a multiple
+        of ``len(parts)`` takes the same number of channels from each part (lowest first within each)."""
+        if not self.parts:
+            return torch.argsort(scores).tolist()
+        values = scores.detach().float().flatten().cpu().tolist()
+        ranked = [sorted(part, key=lambda i: (values[i], i)) for part in self.parts]
+        order: list[int] = []
+        for rank in zip(*ranked):
+            order += sorted(rank, key=lambda i: (values[i], i))
+        return order
+
+    def balanced(self, count: int) -> list[int]:
+        """``count`` channel indices, the first ``count / len(parts)`` of every part (e.g. for a dry run)."""
+        if not self.parts:
+            return list(range(count))
+        share = count // len(self.parts)
+        return sorted(i for part in self.parts for i in part[:share])
 
 
 @dataclass(frozen=True)
@@ -90,11 +127,17 @@ class ChannelGraph:
         example_inputs: one batch of inputs (a single sample is enough).
         skip: names of layers whose output channels must not change (the output layer always stays).
         check: run the dry run that finds layers DepGraph cannot handle (off for replaying edits).
+        limits: bounds on DepGraph's size and time (:class:`~growprune.surgery.depgraph.GraphLimits`);
+            over them, :class:`~growprune.errors.ConfigurationError` names the part of the model.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, skip: Sequence[str] = (), check: bool = True):
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, skip: Sequence[str] = (), check: bool = True,
+                 limits: GraphLimits | None = None):
         self.model = model
         self.example_inputs = example_inputs
+        self.limits = limits if limits is not None else GraphLimits()
+        #: root -> why the group's channels stay whole (channel shuffle, weights used outside their layer, ...)
+        self.held: dict[str, str] = {}
         order = execution_order(model, example_inputs)
         if not order:
             raise ValueError("the model has no linear or convolution layers to prune")
@@ -104,6 +147,12 @@ class ChannelGraph:
         if check:
             self._check_traceable()
         self._build()
+        if check:
+            self.groups()  # finds the held groups, so that the user hears of them now
+            if self.held:
+                shown = "; ".join(f"{root!r}: {reason}" for root, reason in list(self.held.items())[:2])
+                more = f"; and {len(self.held) - 2} more (ChannelGraph.held lists them)" if len(self.held) > 2 else ""
+                warnings.warn(f"{type(model).__name__}: {len(self.held)} channel group(s) stay whole: {shown}{more}", stacklevel=2)
 
     def _checked_skip(self, skip: Iterable[str]) -> set[str]:
         modules = dict(self.model.named_modules())
@@ -115,8 +164,10 @@ class ChannelGraph:
     # ------------------------------------------------------------------------------ the graph
     def _build(self) -> None:
         self._needs_build = False
+        self.held = {}
         self._tp_groups = None
-        self.graph = self._dependency_graph(self.model)
+        self._traced = self._dependency_graph(self.model)
+        self.graph = self._traced.graph
         self._names = {module: name for name, module in self.model.named_modules()}
         self._root_handlers: dict[str, Any] = {}
         for group in self._full_groups().values():
@@ -124,18 +175,23 @@ class ChannelGraph:
         self._couplings = self._find_couplings()
         self._modules = self._module_identity()
         self._groups: dict[frozenset, list[ChannelGroup]] = {}
+        self._parts_of: dict[str, str] = {}  # root -> the grouped convolutions / chunks that split its channels into parts
 
     def _full_groups(self) -> dict[str, Any]:
         """DepGraph's groups with all channels, by root name (cached until the next edit: slow on big graphs)."""
         if getattr(self, "_tp_groups", None) is None:
             output = self.model.get_submodule(self.output_layer)
             self._tp_groups = {self._names[group.items[0].dep.target.module]: group for group in
-                               self.graph.get_all_groups(ignored_layers=[output], root_module_types=PRUNABLE_TYPES)}
+                               all_groups(self._traced, [output], PRUNABLE_TYPES, self._names)}
         return self._tp_groups
 
-    def _dependency_graph(self, model: nn.Module) -> tp.DependencyGraph:
-        with preserved_modes(model), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
+    def _dependency_graph(self, model: nn.Module) -> TracedGraph:
+        """DepGraph, bounded by :attr:`limits`, with shuffles and functional blocks traced as units (:mod:`~growprune.surgery.depgraph`)."""
+        with preserved_modes(model), torch.enable_grad(), warnings.catch_warnings():
+            # bare parameters are growprune's (ParameterHandler): DepGraph's guess-the-dimension notice does not apply
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return build_dependency_graph(model, self.example_inputs, self.limits,
+                                          unwrapped_parameters=bare_parameter_dims(model))
 
     def _module_identity(self) -> dict[str, tuple]:
         return {name: (id(module), tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
@@ -166,7 +222,9 @@ class ChannelGraph:
         module = self.model.get_submodule(root)
         handler = self.graph.get_pruner_of_module(module)
         size = handler.get_out_channels(module)
-        return self.graph.get_pruning_group(module, self._root_handlers[root], list(range(size)) if indices is None else list(indices))
+        self._traced.update_mappings()
+        return dependency_group(self._traced, module, self._root_handlers[root],
+                                list(range(size)) if indices is None else list(indices), root)
 
     def _side(self, dep: Any) -> str:
         return "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
@@ -191,24 +249,26 @@ class ChannelGraph:
         """
         trial = copy.deepcopy(self.model)
         try:
-            graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False)
+            graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False, limits=self.limits)
             groups = graph.groups()
+        except ConfigurationError:
+            raise  # names the part of the model already
         except Exception as error:  # DepGraph raises many kinds; name the model, never a bare traceback
             raise ValueError(f"the channel dependency graph of {type(self.model).__name__} cannot be built: "
                              f"{type(error).__name__}: {error}") from error
         try:
-            graph.remove({group.root: list(range(group.step)) for group in groups if group.channels > group.step})
+            graph.remove({group.root: group.balanced(group.step) for group in groups if group.channels > group.step})
             self._probe(trial)
             return
         except Exception:  # find the group that breaks, to name it
             pass
         trial = copy.deepcopy(self.model)
-        graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False)
+        graph = ChannelGraph(trial, self.example_inputs, skip=(), check=False, limits=self.limits)
         for group in graph.groups():
             if group.channels <= group.step:
                 continue
             try:
-                graph.remove({group.root: list(range(group.step))})
+                graph.remove({group.root: group.balanced(group.step)})
                 self._probe(trial)
             except Exception as error:
                 suspects = [name for name, module in trial.named_modules()
@@ -245,14 +305,90 @@ class ChannelGraph:
             if root in self._hidden_roots:
                 continue
             tp_group = self._tp_group_of(root)
+            items = list(tp_group.items)
             members = self._members(tp_group)
             for coupling in self._couplings.get(root, []):
-                members += self._members(self._tp_group_of(coupling.layer))
+                coupled = self._tp_group_of(coupling.layer)
+                items += coupled.items
+                members += self._members(coupled)
             members = list(dict.fromkeys(members))
+            reason = next((self._traced.held[item.dep.target].reason for item in items if item.dep.target in self._traced.held), None)
+            parts: tuple[tuple[int, ...], ...] = ()
+            if reason is None:
+                parts, reason = self._parts(root, len(tp_group.items[0].idxs), tp_group.items)
+            if reason is not None:
+                self.held.setdefault(root, f"its channels pass through {reason}")
+                continue
             prunable = not any(name in skip and side == "out" for name, side in members)
             if prunable:
-                result.append(ChannelGroup(root, len(tp_group.items[0].idxs), members, prunable, self._step(members)))
+                step = math.lcm(self._step(members), len(parts) or 1)
+                result.append(ChannelGroup(root, len(tp_group.items[0].idxs), members, prunable, step, parts))
         return result
+
+    def _parts(self, root: str, channels: int, items: Sequence[Any]) -> tuple[tuple[tuple[int, ...], ...], str | None]:
+        """The equal parts the group's grouped convolutions and chunks split its channels into, or why there are none.
+
+        Each grouped convolution member (input or output side) labels every root channel with the
+        convolution group it lands in, a ``torch.chunk`` with the piece it lands in (chunks cut
+        equal pieces of whatever size comes in); channels with the same labels from all of them
+        form a part. The group is held whole (reason returned) when a grouped convolution or chunk
+        sees channels of other groups too (a concatenation: the groups would have to change
+        together), the parts differ in size, or the channels meet a split into fixed sizes.
+        """
+        labels: list[list[int | None]] = []
+        names: list[str] = []
+        seen: set[tuple[int, str]] = set()
+        for item in items:
+            node = item.dep.target
+            if node in self._traced.channel_splits:
+                if (id(node), "split") in seen:
+                    continue
+                seen.add((id(node), "split"))
+                where = self._traced.describe(node)
+                if node not in self._traced.chunks or not node.module.offsets:
+                    return (), f"a split into pieces of fixed sizes ({where}), which would cut its channels elsewhere"
+                offsets = node.module.offsets
+                if len(set(item.idxs)) != offsets[-1]:
+                    return (), f"a chunk ({where}) together with channels of other groups: its pieces could not stay equal"
+                label = [None] * channels
+                for index, root_index in zip(item.idxs, item.root_idxs):
+                    label[root_index] = bisect.bisect_right(offsets, index) - 1
+                labels.append(label)
+                names.append(f"chunk {where}")
+                continue
+            conv = node.module
+            if not isinstance(conv, nn.modules.conv._ConvNd) or conv.groups == 1 or ConvHandler.is_depthwise(conv):
+                continue
+            side = self._side(item.dep)
+            if (id(conv), side) in seen:
+                continue
+            seen.add((id(conv), side))
+            name = self._names.get(conv, type(conv).__name__)
+            if conv.transposed:
+                return (), f"grouped transposed convolution {name!r}, which growprune cannot change"
+            size = conv.in_channels if side == "in" else conv.out_channels
+            if len(set(item.idxs)) != size:
+                return (), (f"grouped convolution {name!r} ({conv.groups} groups) together with channels of other groups "
+                            "(a concatenation): its groups could not stay equal")
+            per_group = size // conv.groups
+            label: list[int | None] = [None] * channels
+            for index, root_index in zip(item.idxs, item.root_idxs):
+                if label[root_index] not in (None, index // per_group):
+                    return (), f"grouped convolution {name!r} at two places at once"
+                label[root_index] = index // per_group
+            labels.append(label)
+            names.append(f"grouped convolution layer {name!r}")
+        if not labels:
+            return (), None
+        classes: dict[tuple, list[int]] = {}
+        for channel in range(channels):
+            classes.setdefault(tuple(label[channel] for label in labels), []).append(channel)
+        sizes = {len(members) for members in classes.values()}
+        if len(sizes) > 1 or any(all(value is None for value in key) for key in classes):
+            return (), (f"{' and '.join(names)}, which see only some of its channels or split them into unequal "
+                        "parts: their groups could not stay equal")
+        self._parts_of[root] = " and ".join(names)
+        return tuple(tuple(classes[key]) for key in sorted(classes, key=lambda key: tuple(-1 if v is None else v for v in key))), None
 
     def _step(self, members: list[tuple[str, str]]) -> int:
         modules = dict(self.model.named_modules())
@@ -272,6 +408,8 @@ class ChannelGraph:
         channel); the layers after it are not part of the scoring group.
         """
         self._ensure_built()
+        if root in self.held:
+            raise ValueError(f"the channels of {root!r} stay whole: {self.held[root]}")
         if root not in self._root_handlers or root in self._hidden_roots:
             raise ValueError(f"no channel group is rooted at {root!r}")
         group = self._tp_group_of(root)
@@ -295,7 +433,7 @@ class ChannelGraph:
         cleaned: dict[str, list[int]] = {}
         for root, indices in plan.items():
             if root not in groups:
-                raise ValueError(f"{root!r} is not the root of a prunable channel group; roots: {', '.join(groups)}")
+                self._refuse_root(root, groups, "a prunable channel group")
             unique = sorted({int(i) for i in indices})
             if unique and (unique[0] < 0 or unique[-1] >= groups[root].channels):
                 raise ValueError(f"channel indices of {root!r} must lie in 0..{groups[root].channels - 1}, got {unique}")
@@ -303,7 +441,8 @@ class ChannelGraph:
                 raise ValueError(f"removing {len(unique)} of {groups[root].channels} channels of {root!r} would remove the whole layer")
             if len(unique) % groups[root].step:
                 raise ValueError(f"channels of {root!r} change in multiples of {groups[root].step} "
-                                 f"(attention heads or norm groups), got {len(unique)}")
+                                 f"({self._step_reason(groups[root])}), got {len(unique)}")
+            self._check_balanced(groups[root], unique)
             if unique:
                 cleaned[root] = unique
         for root, indices in cleaned.items():  # every layer's own constraints, before any layer changes
@@ -318,11 +457,34 @@ class ChannelGraph:
                 tp_group = self._tp_group_of(root, indices)
                 coupled = [(coupling, self._coupled_outputs(tp_group, coupling)) for coupling in self._couplings.get(root, [])]
                 self._apply(tp_group.items, changes, touched)
+                self._traced.mappings_current = False  # concatenation sizes and channel counts changed
                 for coupling, outputs in coupled:
                     self._apply(self._tp_group_of(coupling.layer, outputs).items, changes, touched)
+                    self._traced.mappings_current = False
             self._check_layers(touched)
         self._after_edit(rebuild=False)
         return changes
+
+    def _refuse_root(self, root: str, groups: dict[str, ChannelGroup], kind: str) -> None:
+        if root in self.held:
+            raise ValueError(f"the channels of {root!r} stay whole: {self.held[root]}")
+        raise ValueError(f"{root!r} is not the root of {kind}; roots: {', '.join(groups)}")
+
+    def _step_reason(self, group: ChannelGroup) -> str:
+        if group.parts:
+            return f"{len(group.parts)} equal parts for {self._parts_of.get(group.root, 'grouped convolutions')}"
+        return "attention heads or norm groups"
+
+    def _check_balanced(self, group: ChannelGroup, indices: Sequence[int]) -> None:
+        """Every part of a grouped-convolution group must lose as many channels as the others."""
+        if not group.parts:
+            return
+        chosen = set(indices)
+        counts = [sum(1 for i in part if i in chosen) for part in group.parts]
+        if len(set(counts)) > 1:
+            raise ValueError(f"channels of {group.root!r} come in {len(group.parts)} parts of {len(group.parts[0])} for "
+                             f"{self._parts_of.get(group.root, 'grouped convolutions')}: every group must keep as many "
+                             f"channels as the others; this plan removes {counts} per part")
 
     def add(self, plan: dict[str, int]) -> dict[str, ParameterChange]:
         """Add channels: ``plan`` maps a group's root layer to how many channels to append.
@@ -336,12 +498,12 @@ class ChannelGraph:
         groups = {group.root: group for group in self.groups()}
         for root, count in plan.items():
             if root not in groups:
-                raise ValueError(f"{root!r} is not the root of a channel group that may change; roots: {', '.join(groups)}")
+                self._refuse_root(root, groups, "a channel group that may change")
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"the number of channels to add to {root!r} must be an integer >= 0, got {count!r}")
             if count % groups[root].step:
                 raise ValueError(f"channels of {root!r} change in multiples of {groups[root].step} "
-                                 f"(attention heads or norm groups), got {count}")
+                                 f"({self._step_reason(groups[root])}), got {count}")
             self._check_growable(root)
         # every insertion is placed in the coordinates of the network as it is now, then each
         # layer side is remapped once: several groups may insert into one layer (concatenation)
@@ -350,16 +512,22 @@ class ChannelGraph:
             if count == 0:
                 continue
             tp_group = self._tp_group_of(root)
-            last = groups[root].channels - 1
-            self._collect_insertions(tp_group.items, last, count, insertions)
-            for coupling in self._couplings.get(root, []):
-                outputs = self._coupled_outputs(tp_group, coupling, root_channels=[last])
-                self._collect_insertions(self._tp_group_of(coupling.layer).items, max(outputs),
-                                         count * coupling.multiplier, insertions)
+            # a grouped convolution's group grows at the end of every part (every conv group keeps its own channels)
+            parts = groups[root].parts or (tuple(range(groups[root].channels)),)
+            for part in parts:
+                last, share = max(part), count // len(parts)
+                self._collect_insertions(tp_group.items, last, share, insertions)
+                for coupling in self._couplings.get(root, []):
+                    outputs = self._coupled_outputs(tp_group, coupling, root_channels=[last])
+                    self._collect_insertions(self._tp_group_of(coupling.layer).items, max(outputs),
+                                             share * coupling.multiplier, insertions)
         changes: dict[str, ParameterChange] = {}
         touched: dict[str, nn.Module] = {}
         with preserved_modes(self.model):
             for module, name, side, spots in insertions.values():
+                if side == "param":
+                    self._grow_parameter(module, spots, changes)
+                    continue
                 handler = handler_for(module)
                 index = _with_insertions(handler.size(module, side), spots)
                 self._record(name, module, handler.remap(module, side, index), changes)
@@ -375,16 +543,17 @@ class ChannelGraph:
         done: set[tuple[int, str]] = set()
         for item in items:
             target = item.dep.target.module
-            if not isinstance(target, nn.Module) or not _has_state(target):
+            if not _has_state(target):
                 continue  # DepGraph's own operation nodes: the graph is rebuilt afterwards
-            side, key = self._side_key(item.dep, target)
+            side, key = ("param", (id(target), "param")) if isinstance(target, nn.Parameter) else self._side_key(item.dep, target)
             if key in done:
                 continue
             done.add(key)
             positions = [i for i, r in zip(item.idxs, item.root_idxs) if r == last]
             if not positions:
                 continue  # this member does not see the root's last channel (e.g. another split part)
-            entry = insertions.setdefault(key, (target, self._names[target], side, []))
+            name = self.graph._param_to_name[target] if side == "param" else self._names[target]
+            entry = insertions.setdefault(key, (target, name, side, []))
             entry[3].append((max(positions), count * len(positions)))
 
     def _side_key(self, dep: Any, target: nn.Module) -> tuple[str, tuple[int, str]]:
@@ -402,14 +571,14 @@ class ChannelGraph:
     def _check_growable(self, root: str) -> None:
         modules = dict(self.model.named_modules())
         for name, _ in self._members(self._tp_group_of(root)):
-            module = modules.get(name)  # None: a bare parameter (e.g. layer scale), which cannot grow
-            if module is None or handler_for(module) is None:
-                kind = "a bare parameter" if module is None else type(module).__name__
+            module = modules.get(name)
+            if module is None:  # a bare parameter (e.g. layer scale): its channel dimension must be clear
+                self._bare_parameter(self.model.get_parameter(name))
+                continue
+            if handler_for(module) is None:
+                kind = type(module).__name__
                 raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is {kind}, which has no "
                                  "growprune layer handler (register one with growprune.surgery.handlers.register_layer_handler)")
-            if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
-                raise ValueError(f"cannot add channels to the group of {root!r}: {name!r} is a grouped convolution "
-                                 f"({module.groups} groups of several channels); growing grouped convolutions is not supported")
 
     def _coupled_outputs(self, tp_group: Any, coupling: _Coupling, root_channels: Sequence[int] | None = None) -> list[int]:
         """Output channels of a multiplier-m depthwise conv fed by the given root channels of ``tp_group``."""
@@ -423,6 +592,9 @@ class ChannelGraph:
     def _validate(self, items: Sequence[Any]) -> None:
         for item in items:
             target = item.dep.target.module
+            if isinstance(target, nn.Parameter):
+                self._bare_parameter(target)  # refuses an ambiguous channel dimension before anything changes
+                continue
             handler = handler_for(target) if isinstance(target, nn.Module) and _has_state(target) else None
             if handler is not None:
                 side = self._side(item.dep)
@@ -438,7 +610,9 @@ class ChannelGraph:
             dep, indices = item.dep, list(item.idxs)
             target = dep.target.module
             if isinstance(target, nn.Parameter):
-                self._remove_from_parameter(dep, indices, changes)
+                if (id(target), "param") not in done:
+                    done.add((id(target), "param"))
+                    self._remove_from_parameter(dep, indices, changes)
                 continue
             if not _has_state(target):
                 dep(indices)  # DepGraph's own bookkeeping (concatenation and split offsets)
@@ -474,19 +648,37 @@ class ChannelGraph:
         after = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         self._record(name, module, self._inferred(name, before, after, indices), changes)
 
-    def _remove_from_parameter(self, dep: Any, indices: list[int], changes: dict[str, ParameterChange]) -> None:
-        """A bare ``nn.Parameter`` used in a forward (e.g. layer scale), replaced as DepGraph does it."""
-        old = dep.target.module
-        name = self.graph._param_to_name.pop(old)
-        new = dep(indices)
+    def _bare_parameter(self, parameter: nn.Parameter) -> tuple[str, nn.Module, str, ParameterHandler, int]:
+        """Name, owner module, attribute, handler and channel dimension of a bare parameter of the graph.
+
+        Raises ``ValueError`` naming the parameter when its channel dimension is ambiguous.
+        """
+        name = self.graph._param_to_name[parameter]
         owner_name, _, key = name.rpartition(".")
         owner = self.model.get_submodule(owner_name) if owner_name else self.model
-        setattr(owner, key, new)
-        self.graph._param_to_name[new] = name
+        handler = parameter_handler_for(owner, key)
+        node = self.graph.module2node.get(parameter)
+        dim = handler.channel_dim(parameter, getattr(node, "pruning_dim", None), name)
+        return name, owner, key, handler, dim
+
+    def _remove_from_parameter(self, dep: Any, indices: list[int], changes: dict[str, ParameterChange]) -> None:
+        """A bare ``nn.Parameter`` used in a forward (e.g. layer scale): its handler removes the entries."""
+        old = dep.target.module
+        name, owner, key, handler, dim = self._bare_parameter(old)
+        change = handler.remap(owner, key, dim, kept_index(old.shape[dim], indices))
+        self._record(name.rpartition(".")[0], owner, {key: change}, changes)
+        # DepGraph keeps working on this graph (no rebuild after a removal): point its node at the new tensor
+        new = getattr(owner, key)
+        self.graph._param_to_name[new] = self.graph._param_to_name.pop(old)
         self.graph.module2node[new] = self.graph.module2node.pop(old)
         self.graph.module2node[new].module = new
-        inferred = self._inferred(owner_name, {key: old}, {key: new}, indices)
-        self._record(owner_name, owner, inferred, changes)
+
+    def _grow_parameter(self, parameter: nn.Parameter, spots: Sequence[tuple[int, int]],
+                        changes: dict[str, ParameterChange]) -> None:
+        """Insert new entries into a bare parameter's channel dimension (values: its handler's fill)."""
+        name, owner, key, handler, dim = self._bare_parameter(parameter)
+        change = handler.remap(owner, key, dim, _with_insertions(parameter.shape[dim], spots))
+        self._record(name.rpartition(".")[0], owner, {key: change}, changes)
 
     def _inferred(self, name: str, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
                   indices: list[int]) -> dict[str, ParameterChange]:
