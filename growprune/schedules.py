@@ -14,6 +14,10 @@ means the last epoch (or step) of training, read from the trainer when training 
     Cubic(start=0, end=20, amount=0.95)                         # Zhu & Gupta's gradual pruning
     Exponential(start=0, end=4, amount=0.8)                     # same share of what is left each time
     Steps(steps=[3, 6, 9], amounts=[0.5, 0.75, 0.9])            # explicit list
+
+A schedule whose last action comes after the end of training cannot finish: strategies refuse it
+when training starts, unless the strategy's ``fit_schedule`` is on, which runs
+:meth:`Schedule.compressed` on its per-fit copy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import copy
 import math
 from typing import Any
+
+from growprune.errors import ConfigurationError
 
 UNITS = ("epoch", "step")
 
@@ -65,6 +71,8 @@ class Schedule:
         self.end = None if end is None else int(end)
         self.every = int(every)
         self.unit = unit
+        # explicit action times, set only on a compressed copy (see ``compressed``)
+        self._times: list[int] | None = None
 
     # ----------------------------------------------------------------------------------- hooks
     def shape(self, progress: float) -> float:
@@ -80,15 +88,45 @@ class Schedule:
         schedule = copy.deepcopy(self)
         if schedule.end is None:
             if last_time < schedule.start:
-                raise ValueError(
+                raise ConfigurationError(
                     f"schedule starts at {schedule.unit} {schedule.start} but training ends at {schedule.unit} {last_time}"
                 )
             schedule.end = int(last_time)
         return schedule
 
+    def compressed(self, last_time: int) -> "Schedule":
+        """A copy whose actions all happen by ``last_time`` (the last epoch/step of training).
+
+        Every action time ``t`` moves to ``round(t * last_time / T)``, ``T`` being the schedule's
+        last action time, so the last action lands on ``last_time`` and the schedule keeps its
+        proportions (a warm-up of 20 % of the schedule stays 20 % of the training). Targets
+        follow the moved times (the first action keeps ``initial``, the last reaches ``amount``).
+        Actions that land on the same time merge into one. A schedule that already finishes by
+        ``last_time`` comes back unchanged. ``end`` must be resolved first.
+        """
+        if self.end is None:
+            raise ValueError("resolve the schedule's end (resolved()) before compressing it")
+        if last_time < 0:
+            raise ConfigurationError(f"training has no {self.unit} in which the schedule could act")
+        schedule = copy.deepcopy(self)
+        last = self.last_time
+        if last <= last_time:
+            return schedule
+        times = sorted({_moved(time, last, last_time) for time in self.times()})
+        schedule.start, schedule.end = times[0], times[-1]
+        schedule._times = times
+        return schedule
+
     # ------------------------------------------------------------------------------- queries
+    @property
+    def last_time(self) -> int:
+        """Time of the schedule's last action (``start`` while ``end`` is unresolved)."""
+        return self.start if self.end is None else self.end
+
     def times(self) -> list[int]:
         """Every time at which the schedule acts."""
+        if self._times is not None:
+            return list(self._times)
         end = self.start if self.end is None else self.end
         times = list(range(self.start, end + 1, self.every))
         if times[-1] != end:
@@ -97,6 +135,8 @@ class Schedule:
 
     def acts_at(self, time: int) -> bool:
         """Whether the schedule acts at ``time`` (cheap: called at every step)."""
+        if self._times is not None:
+            return time in self._times
         end = self.start if self.end is None else self.end
         return self.start <= time <= end and ((time - self.start) % self.every == 0 or time == end)
 
@@ -114,8 +154,16 @@ class Schedule:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description, stored in edit logs."""
-        return {"schedule": type(self).__name__, "amount": self.amount, "start": self.start, "end": self.end,
-                "every": self.every, "unit": self.unit, "initial": self.initial}
+        description = {"schedule": type(self).__name__, "amount": self.amount, "start": self.start, "end": self.end,
+                       "every": self.every, "unit": self.unit, "initial": self.initial}
+        if self._times is not None:
+            description["times"] = list(self._times)
+        return description
+
+
+def _moved(time: int, last: int, last_time: int) -> int:
+    """``time`` scaled from a schedule ending at ``last`` to one ending at ``last_time`` (halves round up)."""
+    return min(last_time, math.floor(time * last_time / last + 0.5))
 
 
 class Constant(Schedule):
@@ -195,6 +243,23 @@ class Steps(Schedule):
     @property
     def final_target(self) -> float:
         return self.amounts[-1]
+
+    def compressed(self, last_time: int) -> "Steps":
+        """A copy with every step moved as in :meth:`Schedule.compressed`; steps that land on the
+        same time merge, the later step's amount winning."""
+        if last_time < 0:
+            raise ConfigurationError(f"training has no {self.unit} in which the schedule could act")
+        schedule = copy.deepcopy(self)
+        last = self.last_time
+        if last <= last_time:
+            return schedule
+        merged: dict[int, float] = {}
+        for step, amount in zip(self.steps, self.amounts):
+            merged[_moved(step, last, last_time)] = amount  # later steps overwrite: their amount wins
+        schedule.steps = sorted(merged)
+        schedule.amounts = [merged[step] for step in schedule.steps]
+        schedule.start, schedule.end = schedule.steps[0], schedule.steps[-1]
+        return schedule
 
     def describe(self) -> dict[str, Any]:
         return {"schedule": "Steps", "steps": self.steps, "amounts": self.amounts, "unit": self.unit}

@@ -43,3 +43,15 @@ class ResidualMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.fc1(torch.flatten(x, 1)))
         return self.out(h + F.relu(self.fc2(h)))
+
+
+class StopAfter(pl.Callback):
+    """Interrupts training after ``epochs`` epochs, as a crash or a time limit would (the trainer's
+    ``max_epochs`` stays the planned length, so strategies accept schedules that end later)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

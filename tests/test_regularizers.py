@@ -15,7 +15,7 @@ from growprune.metrics import count_parameters, dense_flops
 from growprune.schedules import OneShot
 from growprune.strategies import NetworkSlimming, PolarizationPruning
 from growprune.strategies.regularizers import histogram_threshold, l1_penalty, polarization_penalty
-from tests.helpers import tiny_data, tiny_trainer
+from tests.helpers import StopAfter, tiny_data, tiny_trainer
 
 
 class TinyConvNet(nn.Module):
@@ -205,7 +205,7 @@ def test_polarization_initialises_scales_to_half_and_clamps_them_to_unit_interva
     # strong penalty: scales below the mean fall by lr * lambda * (t + 1) = 0.06 per step, below 0 in 16 steps
     strategy = PolarizationPruning(lambda_=0.05, t=1.5, schedule=OneShot(amount=0.0, at=5), name="polar")
     probe = ScaleProbe()
-    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[strategy, probe])
+    trainer = tiny_trainer(tmp_path, max_epochs=6, callbacks=[strategy, probe, StopAfter(2)])  # stopped before pruning
     trainer.fit(module, tiny_data(input_shape=(3, 8, 8), num_classes=3))
     assert all(torch.all(w == 0.5) for w in probe.first.values())
     assert probe.terms_at_epoch_start[0] == ["polar"]
@@ -218,8 +218,8 @@ def test_polarization_does_not_reset_scales_on_resume(tmp_path):
     torch.manual_seed(0)
     data = tiny_data(input_shape=(3, 8, 8), num_classes=3)
     first = wrap(TinyConvNet(), lr=0.2)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
-                           callbacks=[PolarizationPruning(lambda_=0.01, schedule=OneShot(amount=0.0, at=3))])
+    trainer = tiny_trainer(tmp_path, max_epochs=4, enable_checkpointing=True,
+                           callbacks=[PolarizationPruning(lambda_=0.01, schedule=OneShot(amount=0.0, at=3)), StopAfter(1)])
     trainer.fit(first, data)
     checkpoint = trainer.checkpoint_callback.best_model_path
     trained = bn_weights(first.model)
@@ -227,7 +227,8 @@ def test_polarization_does_not_reset_scales_on_resume(tmp_path):
 
     second = wrap(TinyConvNet(), lr=0.2)
     probe = ScaleProbe()
-    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[PolarizationPruning(lambda_=0.01, schedule=OneShot(amount=0.0, at=3)), probe])
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[PolarizationPruning(lambda_=0.01, schedule=OneShot(amount=0.0, at=3)), probe,
+                                                              StopAfter(2)])
     trainer.fit(second, data, ckpt_path=checkpoint, weights_only=False)
     for name, weight in trained.items():
         assert torch.equal(probe.first[name], weight), name

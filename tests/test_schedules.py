@@ -68,3 +68,29 @@ def test_end_none_resolves_to_end_of_training_in_a_copy():
 def test_bad_schedules_fail_clearly(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_compressed_copies_end_by_the_given_time_for_every_schedule():
+    cases = [
+        (OneShot(amount=0.9, at=10), {4: 0.9}),
+        (Constant(amount=0.5, start=2, end=8, every=2), {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5}),
+        # 2, 4, 6, 8, 10 -> 1, 2, 2, 3, 4 (4 and 6 merge); targets along the new start..end
+        (Linear(amount=0.8, start=2, end=10, every=2), {1: 0.0, 2: 0.8 / 3, 3: 1.6 / 3, 4: 0.8}),
+        (Cubic(amount=0.9, start=0, end=8, every=2), {t: 0.9 * (1 - (1 - t / 4) ** 3) for t in range(5)}),
+        (Exponential(amount=0.875, start=0, end=6, every=2), {t: 1 - 0.125 ** (t / 4) for t in (0, 1, 3, 4)}),
+        (Steps(steps=[3, 6, 9], amounts=[0.5, 0.75, 0.9]), {1: 0.5, 3: 0.75, 4: 0.9}),
+    ]
+    for schedule, expected in cases:
+        before = schedule.describe()
+        compressed = schedule.compressed(4)
+        assert schedule.describe() == before  # the configured schedule is never changed
+        got = {t: compressed.target_at(t) for t in range(12) if compressed.target_at(t) is not None}
+        assert got == pytest.approx(expected), type(schedule).__name__
+        assert compressed.times() == sorted(expected)
+        assert schedule.compressed(10).times() == schedule.times()  # already fits: unchanged
+
+
+def test_compressed_steps_merge_with_the_later_amount():
+    merged = Steps(steps=[3, 6, 9], amounts=[0.5, 0.75, 0.9]).compressed(1)
+    assert merged.steps == [0, 1] and merged.amounts == [0.5, 0.9]
+    assert Steps(steps=[8, 9], amounts=[0.2, 0.4]).compressed(2).amounts == [0.4]

@@ -23,7 +23,7 @@ from growprune.schedules import Linear, OneShot
 from growprune.strategies import StructuredPruning
 from growprune.surgery.channels import ChannelGraph
 from growprune.surgery.edits import replay_log
-from tests.helpers import tiny_trainer
+from tests.helpers import StopAfter, tiny_trainer
 
 IMAGE = (3, 16, 16)
 
@@ -358,7 +358,9 @@ def test_resume_of_structurally_pruned_run_continues_schedule(tmp_path):
     from growprune.schedules import Steps
 
     module = conv_module()
-    trainer = fit(module, StructuredPruning(Steps(steps=[1, 3], amounts=[0.3, 0.5]), target="flops"), tmp_path, epochs=2)
+    strategy = StructuredPruning(Steps(steps=[1, 3], amounts=[0.3, 0.5]), target="flops")
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[strategy, StopAfter(2)], limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, image_data())  # interrupted after 2 of 4 epochs
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
     shapes = {k: v.shape for k, v in module.model.state_dict().items()}

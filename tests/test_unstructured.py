@@ -12,7 +12,7 @@ from growprune.criteria import GradientCriterion, MagnitudeCriterion, RandomCrit
 from growprune.schedules import Constant, Linear, OneShot, Steps
 from growprune.strategies import UnstructuredPruning
 from growprune.surgery import export_model, load_exported_state_dict, make_permanent
-from tests.helpers import tiny_data, tiny_trainer
+from tests.helpers import StopAfter, tiny_data, tiny_trainer
 
 WEIGHTS = ("1.weight", "3.weight", "5.weight")
 
@@ -198,17 +198,17 @@ def test_lottery_rewind_resets_survivors_to_initial_weights_without_aliasing(tmp
 def test_resume_keeps_masks_and_does_not_repeat_actions(tmp_path):
     module = lenet()
     strategy = UnstructuredPruning(Steps(steps=[1, 3], amounts=[0.5, 0.8]))
-    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[strategy], enable_checkpointing=True)
+    # a 4-epoch run interrupted after 2 epochs (a run of max_epochs=2 would be refused: its schedule cannot finish)
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[strategy, StopAfter(2)], enable_checkpointing=True)
     trainer.fit(module, tiny_data())
     checkpoint = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(checkpoint)
-    assert torch.load(checkpoint, weights_only=False)["callbacks"]
+    assert torch.load(checkpoint, weights_only=True)["callbacks"]
 
     resumed_module = lenet()
     resumed_strategy = UnstructuredPruning(Steps(steps=[1, 3], amounts=[0.5, 0.8]))
     resumed = tiny_trainer(tmp_path, max_epochs=4, callbacks=[resumed_strategy])
-    # weights_only=False: outside the CLI the optimizer callable is pickled into the hparams
-    resumed.fit(resumed_module, tiny_data(), ckpt_path=checkpoint, weights_only=False)
+    resumed.fit(resumed_module, tiny_data(), ckpt_path=checkpoint)
     assert [r["time"] for r in resumed_module.edit_log] == [1, 3]
     assert resumed_module.edit_log[-1]["achieved"] == pytest.approx(0.8, abs=1e-3)
     first_mask = module.masks["1.weight"]

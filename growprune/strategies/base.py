@@ -20,15 +20,17 @@ and implement :meth:`act`; name the class in a YAML config under ``trainer.callb
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from growprune.criteria.base import Batch
-from growprune.schedules import Schedule
+from growprune.errors import ConfigurationError
+from growprune.schedules import OneShot, Schedule, Steps
 from growprune.surgery.edits import Edit, EditResult
 from growprune.validation import check_integer
 
@@ -42,22 +44,33 @@ class Strategy(Callback):
             in lower case; must differ between strategies of one run).
         scoring_batches: number of training batches drawn for data-driven criteria.
         verbose: print a line after each action.
+        fit_schedule: when the schedule's last action comes after the end of training, compress
+            the schedule into the training (:meth:`~growprune.schedules.Schedule.compressed`:
+            every action time scaled by the same factor, the last one on the last epoch/step) and
+            log the new times, instead of refusing to train. Off by default: a schedule that
+            cannot finish raises :class:`~growprune.errors.ConfigurationError` when fit starts,
+            before anything changes.
 
     Attributes:
-        active_schedule: this fit's copy of ``schedule``, with ``end`` resolved (``None`` outside a fit).
+        active_schedule: this fit's copy of ``schedule``, with ``end`` resolved and, with
+            ``fit_schedule``, compressed (``None`` outside a fit).
         original: the network's size when this fit started (or as the resumed run recorded it);
             targets are fractions of it. Each strategy fills it in :meth:`check`.
         history: this fit's action records.
     """
 
-    def __init__(self, schedule: Schedule, name: str | None = None, scoring_batches: int = 0, verbose: bool = True):
+    def __init__(self, schedule: Schedule, name: str | None = None, scoring_batches: int = 0, verbose: bool = True,
+                 fit_schedule: bool = False):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a growprune.schedules.Schedule, got {type(schedule).__name__}")
         check_integer("scoring_batches", scoring_batches, minimum=0)
+        if not isinstance(fit_schedule, bool):
+            raise ValueError(f"fit_schedule must be true or false, got {fit_schedule!r}")
         self.schedule = schedule
         self.name = name or type(self).__name__.lower()
         self.scoring_batches = scoring_batches
         self.verbose = verbose
+        self.fit_schedule = fit_schedule
         self.reset()
 
     def reset(self) -> None:
@@ -67,6 +80,10 @@ class Strategy(Callback):
         self.active_schedule: Schedule | None = None
         self._done: set[int] = set()
         self._stored_end: int | None = None
+        self._resolved_end: int | None = None  # this fit's end before any compression (stored)
+        # the last time a compressed schedule was fitted to (kept in checkpoints: a resumed run
+        # compresses the same way even if its own training length differs)
+        self._fitted_to: int | None = None
         self._pending_edits: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------ to override
@@ -88,19 +105,68 @@ class Strategy(Callback):
         override to move state that follows the tensors (e.g. snapshots) through ``result``."""
 
     def resolve_schedule(self, trainer: pl.Trainer) -> Schedule:
-        """This fit's schedule: a copy of ``schedule`` with ``end`` fixed to the last epoch/step."""
+        """This fit's schedule: a copy of ``schedule`` with ``end`` fixed to the last epoch/step,
+        checked against the training length (see :meth:`fit_to_training`)."""
         schedule = copy.deepcopy(self.schedule)
+        length, bound = training_length(trainer, schedule.unit)
         if schedule.end is None:
             if self._stored_end is not None:
-                return schedule.resolved(self._stored_end)  # a resumed run keeps its original end
-            if schedule.unit == "epoch":
-                last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
+                end = self._stored_end  # a resumed run keeps its original end
+            elif length is None:
+                raise ConfigurationError(
+                    f"{self.name}: the schedule has no end and training is unbounded ({bound}): give the schedule an end")
             else:
-                last = int(trainer.estimated_stepping_batches) - 1
-            if last is None:
-                raise ValueError(f"{self.name}: the schedule needs an explicit end when max_epochs is unlimited")
-            schedule = schedule.resolved(last)
-        return schedule
+                # a start past the end of training stays a (late) action: fit_to_training reports it
+                end = max(length - 1, schedule.start)
+            schedule = schedule.resolved(end)
+        self._resolved_end = schedule.end
+        return self.fit_to_training(schedule, length, bound)
+
+    def fit_to_training(self, schedule: Schedule, length: int | None, bound: str) -> Schedule:
+        """``schedule`` (end resolved) if every action it has left happens within ``length``
+        epochs/steps; compressed into them with ``fit_schedule``; otherwise a
+        :class:`~growprune.errors.ConfigurationError` naming the strategy, the schedule's last
+        action, the training length and the two ways out. ``length=None``: unbounded, anything goes."""
+        if self._fitted_to is not None:
+            schedule = schedule.compressed(self._fitted_to)  # as the interrupted run did
+        if length is None:
+            return schedule
+        last = length - 1
+        late = [time for time in schedule.times() if time > last and time not in self._done]
+        if not late:
+            return schedule
+        unit = schedule.unit
+        if not self.fit_schedule:
+            times = schedule.times()
+            reached = [schedule.target_at(time) for time in times if time <= last]
+            shortfall = ""
+            if schedule.final_target > 0:
+                stop = f"stop at {reached[-1]:.1%}" if reached else "never act"
+                shortfall = f", so it would {stop} instead of reaching {schedule.final_target:.1%}"
+            runs = f"{length} {unit}{'s' if length != 1 else ''} ({f'{unit}s 0-{last}' if length else 'none'}; {bound})"
+            raise ConfigurationError(
+                f"{type(self).__name__} {self.name!r}: its {type(schedule).__name__} schedule acts last at {unit} "
+                f"{schedule.last_time} but training runs {runs}: {len(late)} of its {len(times)} actions would never "
+                f"happen{shortfall}. Shorten the schedule ({self.schedule_hint(schedule, last)}) or set "
+                f"fit_schedule: true on the strategy to compress it into the training"
+            )
+        fitted = schedule.compressed(last)
+        self._fitted_to = last
+        targets = [round(fitted.target_at(time), 4) for time in fitted.times()]
+        rank_zero_info(
+            f"[{self.name}] fit_schedule: the {type(schedule).__name__} schedule acted until {unit} "
+            f"{schedule.last_time} but training runs {length} {unit}s ({bound}); compressed to act at {unit}s "
+            f"{fitted.times()}" + (f" with targets {targets}" if any(targets) else "")
+        )
+        return fitted
+
+    def schedule_hint(self, schedule: Schedule, last: int) -> str:
+        """How to shorten ``schedule`` so it ends by ``last`` (for the refusal message)."""
+        if isinstance(schedule, OneShot):
+            return f"at <= {last}"
+        if isinstance(schedule, Steps):
+            return f"steps <= {last}"
+        return f"end <= {last}"
 
     # ------------------------------------------------------------------------------ hooks
     @property
@@ -124,26 +190,12 @@ class Strategy(Callback):
         self.check(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.active_schedule = self.resolve_schedule(trainer)
-        self._warn_if_unfinished(trainer)
-
-    def _warn_if_unfinished(self, trainer: pl.Trainer) -> None:
-        """Say so when training ends before the schedule's last action (it would under-prune silently)."""
-        schedule = self.active_schedule
-        if schedule.unit == "epoch":
-            if not trainer.max_epochs or trainer.max_epochs < 1:
-                return
-            last = trainer.max_epochs - 1
-        else:
-            last = int(trainer.estimated_stepping_batches) - 1
-        times = schedule.times()
-        late = [time for time in times if time > last and time not in self._done]
-        if late:
-            rank_zero_warn(
-                f"{self.name}: training ends at {schedule.unit} {last}, before {len(late)} of the {len(times)} "
-                f"actions of its schedule (at {schedule.unit}s {times}): they will not happen; train longer or "
-                "move the schedule"
-            )
+        # Every strategy's schedule is resolved (and refused) here, in the first strategy's hook:
+        # no strategy may change the network (e.g. polarization's scale init) before another's
+        # schedule is refused.
+        for strategy in trainer.callbacks:
+            if isinstance(strategy, Strategy) and strategy.active_schedule is None:
+                strategy.active_schedule = strategy.resolve_schedule(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.unit == "epoch":
@@ -206,17 +258,66 @@ class Strategy(Callback):
 
     # ------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        end = self.active_schedule.end if self.active_schedule is not None else self._stored_end
+        end = self._resolved_end if self._resolved_end is not None else self._stored_end
         return {"done": sorted(self._done), "history": list(self.history), "schedule_end": end,
-                "original": self.original}
+                "fitted_to": self._fitted_to, "original": self.original}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # called after setup() of a resumed fit: what the interrupted fit knew replaces the fresh state
         self._done = set(state_dict.get("done", []))
         self.history = list(state_dict.get("history", []))
         self._stored_end = state_dict.get("schedule_end")
+        self._fitted_to = state_dict.get("fitted_to")
         if state_dict.get("original"):
             self.original = state_dict["original"]
+
+
+def training_length(trainer: pl.Trainer, unit: str) -> tuple[int | None, str]:
+    """How many epochs start (``unit="epoch"``) or optimizer steps run (``unit="step"``) in this
+    fit, counted from the first epoch/step of the run (a resumed run counts the epochs/steps
+    before the interruption too), and what bounds it, for messages. ``None``: unbounded
+    (``max_epochs=-1`` without ``max_steps``) or unknown (an iterable data set of no length).
+
+    Accounts for ``max_epochs``, ``max_steps`` (it may end training inside an earlier epoch),
+    ``limit_train_batches`` and ``accumulate_grad_batches``; not for ``max_time`` or early stopping.
+    Call it once fit has started (``on_fit_start``): it may load the training data, as
+    Lightning's ``estimated_stepping_batches`` does.
+    """
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+    max_steps = trainer.max_steps
+    if unit == "step":
+        steps = trainer.estimated_stepping_batches
+        if steps == float("inf") or steps < 0:
+            return None, "max_epochs=-1 and no max_steps" if max_epochs == -1 else "training batches of unknown number"
+        if max_steps != -1 and steps == max_steps:
+            return int(steps), f"max_steps={max_steps}"
+        return int(steps), _epochs_of_steps(trainer, max_epochs)
+    bounds: list[tuple[int, str]] = []
+    if max_epochs >= 0:
+        bounds.append((max_epochs, f"max_epochs={max_epochs}"))
+    if max_steps >= 0:
+        per_epoch = _steps_per_epoch(trainer)
+        if per_epoch:
+            bounds.append((math.ceil(max_steps / per_epoch), f"max_steps={max_steps} at {per_epoch} optimizer steps per epoch"))
+    if not bounds:
+        return None, "max_epochs=-1 and no max_steps"
+    return min(bounds)
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps per epoch (``None`` when the number of training batches is unknown)."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        return None
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def _epochs_of_steps(trainer: pl.Trainer, max_epochs: int) -> str:
+    accumulate = trainer.accumulate_grad_batches
+    text = f"max_epochs={max_epochs} x {trainer.num_training_batches} training batches per epoch"
+    return text + (f" / accumulate_grad_batches={accumulate}" if accumulate > 1 else "")
 
 
 def scoring_batches_for(criterion: Any, scoring_batches: int | None, default: int = 8) -> int:

@@ -287,6 +287,9 @@ class NNReliefPruning(Strategy):
             back from the output, units with no outgoing connection left (not the output layer's).
         name: metric prefix and edit-log key.
         verbose: print a line after each pruning step.
+        fit_schedule: when the schedule (the default one too) would act after the end of
+            training, compress it into the training (the same number of pruning steps, closer
+            together) instead of refusing it (see :class:`~growprune.strategies.Strategy`).
     """
 
     def __init__(
@@ -302,15 +305,17 @@ class NNReliefPruning(Strategy):
         remove_dead_units: bool = True,
         name: str | None = None,
         verbose: bool = True,
+        fit_schedule: bool = False,
     ):
         self.iterations = check_integer("iterations", iterations, minimum=1)
         self.every = check_integer("every", every, minimum=1)
         self.pruning_samples = check_integer("pruning_samples", pruning_samples, minimum=1)
         self.alpha_fc = check_number("alpha_fc", alpha_fc, minimum=0.0, maximum=1.0, strict_minimum=True)
         self.alpha_conv = check_number("alpha_conv", alpha_conv, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self._default_schedule = schedule is None
         if schedule is None:
             schedule = Constant(amount=0.0, start=every, end=every * iterations, every=every)
-        super().__init__(schedule, name=name, scoring_batches=0, verbose=verbose)
+        super().__init__(schedule, name=name, scoring_batches=0, verbose=verbose, fit_schedule=fit_schedule)
         self.layers = list(layers) if layers is not None else None
         self.skip = list(skip or [])
         self.remove_dead_units = bool(remove_dead_units)
@@ -320,6 +325,11 @@ class NNReliefPruning(Strategy):
     def original_sizes(self) -> dict[str, int]:
         """Selected layer -> its number of weights when the fit started."""
         return self.original.setdefault("weights", {})
+
+    def schedule_hint(self, schedule: Schedule, last: int) -> str:
+        if self._default_schedule:
+            return f"iterations * every <= {last}, now {self.iterations} * {self.every}"
+        return super().schedule_hint(schedule, last)
 
     def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
         selected = select_layers(pl_module.model, self.layers, self.skip)

@@ -50,6 +50,8 @@ class StructuredPruning(Strategy):
             (per-layer ceiling, like Torch-Pruning's ``max_pruning_ratio``); 1.0: no ceiling.
         name: metric prefix and edit-log key.
         verbose: print a line after each pruning step.
+        fit_schedule: compress a schedule that would end after training into it, instead of
+            refusing it (see :class:`~growprune.strategies.Strategy`).
     """
 
     def __init__(
@@ -66,11 +68,13 @@ class StructuredPruning(Strategy):
         max_fraction: float = 1.0,
         name: str | None = None,
         verbose: bool = True,
+        fit_schedule: bool = False,
     ):
         criterion = criterion if criterion is not None else FilterNormCriterion(p=1)
         if not isinstance(criterion, Criterion) or not criterion.supports("channels"):
             raise TypeError(f"criterion must score channels (a ChannelCriterion), got {type(criterion).__name__}")
-        super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose)
+        super().__init__(schedule, name=name, scoring_batches=scoring_batches_for(criterion, scoring_batches), verbose=verbose,
+                         fit_schedule=fit_schedule)
         check_prune_amounts(schedule)
         self.planner = ChannelPlanner(target=target, scope=scope, min_channels=min_channels, round_to=round_to,
                                       max_fraction=max_fraction, cost=cost)
@@ -120,6 +124,9 @@ class StructuredPruning(Strategy):
                 limits.append(f"at most {self.max_fraction:.0%} of each group's channels")
             if excluded:
                 limits.append(f"{len(excluded)} group(s) {type(self.criterion).__name__} cannot score")
+            if self.graph.held:  # channel shuffles, blocks that call their layers' weights functionally, ...
+                limits.append(f"{len(self.graph.held)} group(s) held whole (ChannelGraph.held says why, e.g. "
+                              f"{next(iter(self.graph.held))!r}: {next(iter(self.graph.held.values()))})")
             raise ValueError(
                 f"{self.name}: a {self.target} reduction of {final:.1%} is not reachable; with "
                 f"{', '.join(limits)} (and skipped layers whole) at most {reachable:.1%} can go"
