@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# W&B mode of the test targets: off by default; `WANDB_MODE=offline make test` also exercises the
+# W&B logging (offline runs are written under each test's temporary directory), as CI does.
+WANDB_MODE ?= disabled
 
 .PHONY: install demo test test-slow test-all bench clean
 
@@ -18,13 +21,13 @@ demo: $(STAMP)
 	WANDB_SILENT=true $(BIN)/growprune fit -c configs/quickstart.yaml
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	WANDB_MODE=$(WANDB_MODE) $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected
+	WANDB_MODE=$(WANDB_MODE) $(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected
 
 test-all: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "slow or not slow"
+	WANDB_MODE=$(WANDB_MODE) $(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput

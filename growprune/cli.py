@@ -10,25 +10,26 @@
 Every ``fit``, ``validate`` and ``test`` ends with a summary table and writes the same numbers to
 ``<run dir>/summary.json``; the last line printed is ``summary: <path>``. The run directory is the
 first logger's versioned folder (``runs/<name>/version_<n>``), so nothing from an earlier run is
-overwritten.
+overwritten; ``fit --ckpt_path <run dir>/checkpoints/<file>.ckpt`` continues that run (its folder,
+metrics.csv and W&B run). Each command finishes the W&B run it started, also when it fails.
+The bookkeeping lives in :mod:`growprune.runs`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from growprune.cli_errors import check_checkpoint, explain_instantiation_error, explain_parser_error
+from growprune.cli_output import LIGHTNING_LOG_INTERVAL, ShortEpochStepLogging, quiet_boilerplate
 from growprune.data import DigitsDataModule, GrowPruneDataModule, list_datamodules
 from growprune.errors import ConfigurationError
-from growprune.loggers import WandbLogger
-from growprune.metrics import measure_latency
 from growprune.module import GrowPruneModule
+from growprune.runs import RunSummary, checkpoint_progress, continue_run, finish_wandb_runs, read_checkpoint
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "runs",
@@ -39,119 +40,136 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     ],
 }
 
-SUMMARY_KEYS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss_epoch")
-SIZE_KEYS = ("params/total", "params/nonzero", "flops/dense", "flops/effective", "compression", "latency/batch1_ms")
-
 
 class GrowPruneCLI(LightningCLI):
     """LightningCLI wired for growprune: data shapes linked into the model, summaries after each run."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
-        self._written_summaries: set[Path] = set()
+        self.run_summary: RunSummary | None = None
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
-        super().__init__(
-            GrowPruneModule,
-            GrowPruneDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                GrowPruneModule,
+                GrowPruneDataModule,
+                subclass_mode_data=True,
+                auto_configure_optimizers=False,
+                args=args,
+                run=run,
+                **kwargs,
+            )
+        except BaseException:
+            # a failed command still ends its W&B run (marked failed), or the next one in this
+            # process would log into it
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                finish_wandb_runs(trainer.loggers, exit_code=1)
+            raise
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Every parser (main and per subcommand): no prefix matching, so `--trainer.max_epoch 3` is
+        # an error rather than max_epochs, and errors raised (not printed with the usage text) so
+        # that main() can report them in one line.
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"data": {"class_path": f"{DigitsDataModule.__module__}.{DigitsDataModule.__name__}"}})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args``; a parse error or a checkpoint Lightning could not load is a ConfigurationError.
+
+        Unlike LightningCLI's version this does not warn that ``args`` and ``sys.argv`` are both
+        given: :func:`main` passes the process's own arguments (after resolving data names).
+        """
+        try:
+            self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        except ArgumentError as error:
+            raise ConfigurationError(explain_parser_error(str(error), self._option_names())) from error
+        # before LightningCLI reads the checkpoint's hyper-parameters, and before any run directory
+        # or W&B run exists
+        self._check_checkpoint()
+
+    def _option_names(self) -> dict[str, list[str]]:
+        """Per subcommand, the option names its parser accepts (for "did you mean" hints)."""
+        parsers = getattr(self, "_subcommand_parsers", {})
+        return {name: [action.dest for action in subparser._actions] for name, subparser in parsers.items()}
+
+    def _subcommand_config(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def _check_checkpoint(self) -> None:
+        config = self._subcommand_config()
+        path = config.get("ckpt_path")
+        if path is None:
+            return
+        # FSDP, DeepSpeed and model-parallel strategies save checkpoints as directories
+        strategy = str(config.get("trainer.strategy", "")).lower()
+        sharded = any(name in strategy for name in ("fsdp", "deepspeed", "modelparallel", "model_parallel"))
+        check_checkpoint(str(path), directories_allowed=sharded)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-            raise ConfigurationError(str(error)) from error
+            raise ConfigurationError(explain_instantiation_error(error, self._subcommand_config())) from error
+        if self._subcommand_config().get("trainer.log_every_n_steps") is None and self.trainer.log_every_n_steps == LIGHTNING_LOG_INTERVAL:
+            # the user left the interval unset: short epochs log every step (see ShortEpochStepLogging)
+            self.trainer.callbacks.insert(0, ShortEpochStepLogging())
 
-    # LightningCLI calls after_<subcommand> once the trainer method returns.
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with a :class:`~growprune.runs.RunSummary` that writes the run summary."""
+        trainer = super().instantiate_trainer(**kwargs)
+        self.run_summary = RunSummary()
+        trainer.callbacks.append(self.run_summary)
+        return trainer
+
+    @property
+    def summary_path(self) -> Path | None:
+        """Where this process wrote the last summary (``None`` under ``ddp_spawn``: the spawned rank 0 wrote it)."""
+        return self.run_summary.path if self.run_summary is not None else None
+
+    # LightningCLI calls before_<subcommand> before the trainer method, after_<subcommand> after it.
+    def before_fit(self) -> None:
+        self.prepare_checkpoint_run("fit")
+
+    def before_validate(self) -> None:
+        self.prepare_checkpoint_run("validate")
+
+    def before_test(self) -> None:
+        self.prepare_checkpoint_run("test")
+
     def after_fit(self) -> None:
-        self.write_summary("fit")
+        finish_wandb_runs(self.trainer.loggers)
 
     def after_validate(self) -> None:
-        self.write_summary("validate")
+        finish_wandb_runs(self.trainer.loggers)
 
     def after_test(self) -> None:
-        self.write_summary("test")
+        finish_wandb_runs(self.trainer.loggers)
 
-    def write_summary(self, stage: str) -> Path | None:
-        """Print the summary table and write ``summary.json`` into the run directory (rank 0 only)."""
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return None
-        summary = collect_summary(trainer, self.model, stage)
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = (run_dir / "summary.json").resolve()
-        if path in self._written_summaries:
-            # Several stages of one process (fit, then test) share a run directory: keep both.
-            summary = {**json.loads(path.read_text()), **summary}
-        else:
-            # Never overwrite the summary of another run (e.g. runs without a logger share a folder).
-            index = 1
-            while path.exists():
-                path = (run_dir / f"summary-{index}.json").resolve()
-                index += 1
-        self._written_summaries.add(path)
-        path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        publish_to_wandb(trainer, summary)
-        print(format_summary(summary, stage))
-        print(f"summary: {os.path.relpath(path)}")
-        return path
+    def after_predict(self) -> None:
+        finish_wandb_runs(self.trainer.loggers)
 
-
-def publish_to_wandb(trainer: Any, summary: dict[str, Any]) -> None:
-    """Copy the summary into each W&B run's summary and close the run (one run per command)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            if logger.resolved_mode != "disabled":
-                logger.experiment.summary.update(summary)
-            # Finish even a disabled run: wandb keeps it global and would hand it to the next run.
-            logger.experiment.finish()
-
-
-def collect_summary(trainer: Any, module: GrowPruneModule, stage: str) -> dict[str, Any]:
-    """The numbers a run reports: accuracy and loss, size metrics, checkpoint and run directory."""
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
-    summary: dict[str, Any] = {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
-    if module.input_shape is not None:
-        summary.update(module.size_metrics())
-        # CPU/GPU inference time of the network as it is now: the speed-up structural pruning buys
-        summary["latency/batch1_ms"] = 1e3 * measure_latency(module.model, module.input_shape, batch_size=1, repeats=20, warmup=3)
-    summary["epochs"] = trainer.current_epoch
-    summary["global_step"] = trainer.global_step
-    if stage == "fit" and trainer.checkpoint_callback is not None:
-        checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
-        if checkpoint:
-            summary["checkpoint"] = str(checkpoint)
-    return summary
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        if value.is_integer() and abs(value) >= 1:
-            return f"{int(value):,}"
-        return f"{value:.4f}"
-    return str(value)
-
-
-def format_summary(summary: dict[str, Any], stage: str) -> str:
-    """A two-column table of the summary, size metrics after accuracy and loss."""
-    ordered = [key for key in SUMMARY_KEYS + SIZE_KEYS if key in summary]
-    ordered += sorted(key for key in summary if key not in ordered)
-    width = max(len(key) for key in ordered)
-    lines = [f"growprune {stage} summary", "-" * (width + 20)]
-    lines += [f"{key:<{width}}  {_format_value(summary[key])}" for key in ordered]
-    return "\n".join(lines)
+    def prepare_checkpoint_run(self, stage: str) -> None:
+        """With ``--ckpt_path <file>``: ``fit`` continues the checkpoint's run (same run directory,
+        metrics.csv and W&B run; see :func:`~growprune.runs.continue_run`), ``validate``/``test``
+        report its epochs and global step. Runs before the trainer starts, in every process."""
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if path is None or not Path(str(path)).is_file():
+            return  # no checkpoint, or one Lightning finds by name ("last", "best")
+        checkpoint = read_checkpoint(path, weights_only=config.get("weights_only") is not False)
+        if stage == "fit":
+            message = continue_run(self.trainer, path, checkpoint)
+            if self.trainer.is_global_zero:
+                print(f"growprune: {message}", file=sys.stderr, flush=True)
+        elif self.run_summary is not None:
+            self.run_summary.checkpoint = {"path": str(path), **checkpoint_progress(checkpoint)}
 
 
 def public_class_path(cls: type) -> str:
@@ -203,10 +221,21 @@ def main(args: list[str] | None = None) -> None:
         _print_listing(argv[0])
         return
     try:
-        GrowPruneCLI(args=resolve_data_names(argv))
+        with quiet_boilerplate():
+            GrowPruneCLI(args=resolve_data_names(argv))
     except ConfigurationError as error:
-        print(f"growprune: error: {error}", file=sys.stderr)
+        print(f"growprune: error: {_one_line_message(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+    except ArgumentError as error:
+        # e.g. a checkpoint's stored hyper-parameters that this config cannot take
+        print(f"growprune: error: {explain_parser_error(str(error))}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _one_line_message(error: BaseException) -> str:
+    """The error's text on one line (never empty: the exception type when it has no text)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -217,12 +217,32 @@ def measure_latency(
     batch_size: int = 1,
     repeats: int = 30,
     warmup: int = 5,
+    statistic: str = "median",
+    max_seconds: float | None = None,
 ) -> float:
-    """Median wall-clock seconds of one eval-mode forward pass over ``repeats`` runs after ``warmup``."""
+    """Wall-clock seconds of one eval-mode, no-grad forward pass, over ``repeats`` timed passes after ``warmup``.
+
+    ``statistic``: ``"median"`` (default) or ``"min"``. The minimum is the figure to report on a
+    machine that may be busy: load only ever adds time, so the fastest pass is the closest to the
+    network's own cost (a pass slowed by other work, even most of them, does not move it).
+    ``max_seconds`` bounds the timed passes' total: they stop once it is spent (at least one runs),
+    so a slow model or a loaded machine cannot make the measurement itself take long.
+    The figure depends on ``torch.get_num_threads()``: report it alongside.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    times = list(_timed_passes(model, _example_input(model, input_shape, batch_size), warmup + repeats))
-    return statistics.median(times[warmup:])
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    times: list[float] = []
+    for index, seconds in enumerate(_timed_passes(model, _example_input(model, input_shape, batch_size), warmup + repeats)):
+        if index < warmup:
+            continue
+        times.append(seconds)
+        if max_seconds is not None and sum(times) >= max_seconds:
+            break
+    return min(times) if statistic == "min" else statistics.median(times)
 
 
 def layer_times(model: nn.Module, input_shape: Sequence[int], repeats: int = 7) -> dict[str, float]:
@@ -267,24 +287,54 @@ def layer_times(model: nn.Module, input_shape: Sequence[int], repeats: int = 7) 
 
 # ------------------------------------------------------------------------------------- size meter
 class SizeMeter:
-    """Computes the size metrics of a model, recounting FLOPs only when its shapes change."""
+    """Computes the size metrics of a model, recounting FLOPs only when its shapes change.
 
-    def __init__(self, input_shape: Sequence[int], original_params: int):
+    Args:
+        input_shape: shape of one input sample.
+        original_params: total parameters of the network before any change (``compression`` and
+            ``params/original`` refer to it).
+        original_flops: dense FLOPs of that network (``flops/original``, ``flops/reduction``);
+            ``None`` takes the first count this meter makes, so create the meter (or call
+            :meth:`dense_flops`) before the network changes.
+    """
+
+    def __init__(self, input_shape: Sequence[int], original_params: int, original_flops: float | None = None):
         self.input_shape = tuple(input_shape)
         self.original_params = original_params
+        self.original_flops = original_flops
         self._cached_signature: tuple | None = None
         self._cached_table: dict[FlopSite, int] = {}
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
+    def dense_flops(self, model: nn.Module) -> float:
+        """Dense FLOPs of one forward pass for one sample, counted again only after a shape change."""
         signature = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
         if signature != self._cached_signature:
             self._cached_table = flop_table(model, self.input_shape)
             self._cached_signature = signature
+        flops = float(sum(self._cached_table.values()))
+        if self.original_flops is None:
+            self.original_flops = flops
+        return flops
+
+    def __call__(self, model: nn.Module, include_original: bool = False) -> dict[str, float]:
+        """``params/total``, ``params/nonzero``, ``flops/dense``, ``flops/effective``, ``compression``.
+
+        With ``include_original`` also ``params/original``, ``flops/original`` and
+        ``flops/reduction`` (original dense FLOPs / current dense FLOPs: the speed-up structural
+        changes bought; unstructured masks do not change it, see ``flops/effective``).
+        """
+        dense = self.dense_flops(model)
         nonzero = count_nonzero_parameters(model)
-        return {
+        metrics = {
             "params/total": float(count_parameters(model)),
             "params/nonzero": float(nonzero),
-            "flops/dense": float(sum(self._cached_table.values())),
+            "flops/dense": dense,
             "flops/effective": effective_flops(model, self.input_shape, self._cached_table),
             "compression": compression_ratio(self.original_params, nonzero),
         }
+        if include_original:
+            original = float(self.original_flops)
+            metrics["params/original"] = float(self.original_params)
+            metrics["flops/original"] = original
+            metrics["flops/reduction"] = original / dense if dense else float("inf")
+        return metrics

@@ -10,6 +10,7 @@ and checks the result against the stored tensor shapes.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable, Sequence
 
 import lightning.pytorch as pl
@@ -17,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
+from growprune.factories import NOT_STORED, build_factory, describe_factory
 from growprune.metrics import SizeMeter, count_parameters
 from growprune.modes import evaluating, preserved_modes
 from growprune.models import create_model
@@ -44,8 +47,13 @@ class GrowPruneModule(pl.LightningModule):
             under the CLI. Used to check model/data compatibility before training and to count FLOPs.
         optimizer: a callable that builds the optimizer from the parameters (in YAML, an optimizer
             ``class_path`` with ``init_args`` minus ``params``). It is called again after every
-            structural change, which keeps the optimizer in step with the network.
-        lr_scheduler: optional callable that builds an LR scheduler from the optimizer.
+            structural change, which keeps the optimizer in step with the network. The
+            hyper-parameters (and so checkpoints) store it as a ``{"class_path", "init_args"}``
+            mapping or a dotted path, which this argument also accepts, so checkpoints load with
+            ``torch.load(weights_only=True)`` (see :mod:`growprune.factories`: a lambda or local
+            function cannot be stored; then pass ``optimizer=`` to ``load_from_checkpoint``).
+        lr_scheduler: optional callable that builds an LR scheduler from the optimizer (stored
+            like ``optimizer``).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
         monitor: metric that ``ReduceLROnPlateau`` schedulers watch.
         mask_gradients: also mask gradients before each optimizer step, so momentum and Adam
@@ -71,11 +79,15 @@ class GrowPruneModule(pl.LightningModule):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        # built (and refused) before anything is stored: a description from a checkpoint becomes a callable here
+        optimizer_factory = build_factory(optimizer, "optimizer", "optimizer")
+        lr_scheduler_factory = build_factory(lr_scheduler, "lr_scheduler", "lr_scheduler")
         self.save_hyperparameters(ignore=["arch"] if isinstance(arch, nn.Module) else None)
+        self._store_factory_descriptions()
         self.input_shape = tuple(int(size) for size in input_shape) if input_shape is not None else None
         self.model = self._build_model(arch, arch_kwargs or {}, num_classes, self.input_shape)
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = optimizer_factory
+        self.lr_scheduler_factory = lr_scheduler_factory
         self.lr_scheduler_interval = lr_scheduler_interval
         self.monitor = monitor
         self.mask_gradients = mask_gradients
@@ -88,12 +100,31 @@ class GrowPruneModule(pl.LightningModule):
         self.edit_log: list[dict[str, Any]] = []
         self._channel_graph: ChannelGraph | None = None
         self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
+        # see original_flops: counted on first use (before the network first changes)
+        self._original_flops: float | None = None
         if self.input_shape is not None:
             self._check_shapes(num_classes)
             # lets Lightning's model summary show input/output sizes and FLOPs
             self.example_input_array = torch.zeros(1, *self.input_shape)
 
     # ----------------------------------------------------------------------------------- set-up
+    def _store_factory_descriptions(self) -> None:
+        """Replace the optimizer and scheduler callables in the hyper-parameters by descriptions
+        that load with ``weights_only=True`` (the command line's config already is one)."""
+        for key in ("optimizer", "lr_scheduler"):
+            value = self.hparams.get(key)
+            if value is None or isinstance(value, (str, dict)):
+                continue
+            description = describe_factory(value, key)
+            if isinstance(description, dict) and NOT_STORED in description:
+                rank_zero_warn(
+                    f"GrowPruneModule: {key} {description[NOT_STORED]} cannot be stored in checkpoints (only importable "
+                    f"classes, functools.partial of them with plain arguments, and importable functions annotated "
+                    f"to return one can); to load a checkpoint, pass it again: load_from_checkpoint(path, {key}=...)"
+                )
+            self._hparams[key] = description
+            self._hparams_initial[key] = copy.deepcopy(description)
+
     @property
     def hparams_initial(self) -> Any:
         """Hyper-parameters for the loggers; the data module's own values win for linked shapes.
@@ -113,6 +144,10 @@ class GrowPruneModule(pl.LightningModule):
     def _build_model(
         arch: str | nn.Module, arch_kwargs: dict[str, Any], num_classes: int | None, input_shape: tuple | None
     ) -> nn.Module:
+        """The model ``arch`` for the data's shapes: ``num_classes``, ``in_channels`` and (3-D inputs)
+        ``image_size`` go to the registered builder, which receives only those it declares (see
+        :func:`growprune.models.create_model`; torchvision models pass the size on only to the classes
+        that take one). ``arch_kwargs`` go to the builder too and win over these."""
         if isinstance(arch, nn.Module):
             if arch_kwargs:
                 raise ValueError("arch_kwargs only applies when arch is a registered model name")
@@ -286,6 +321,7 @@ class GrowPruneModule(pl.LightningModule):
         """
         if not isinstance(edit, Edit):
             raise TypeError(f"apply_edit needs a growprune.surgery.edits.Edit, got {type(edit).__name__}")
+        _ = self.original_flops  # counted on the network as it is before its first change
         context = EditContext(self.example_inputs(), graph_factory=lambda model: self.channel_graph())
         with preserved_modes(self.model):
             result = edit.apply(self.model, context)
@@ -340,11 +376,27 @@ class GrowPruneModule(pl.LightningModule):
                                  f"{shape} after replay but {tuple(tensor.shape)} in the checkpoint")
 
     # ------------------------------------------------------------------------------ size metrics
-    def size_metrics(self) -> dict[str, float]:
-        """``params/total``, ``params/nonzero``, ``flops/dense``, ``flops/effective``, ``compression``."""
+    @property
+    def original_flops(self) -> float | None:
+        """Dense FLOPs (one sample) of the network as built, before any edit; ``None`` without ``input_shape``.
+
+        Counted on first use, at the latest just before the first edit or checkpoint load changes
+        the network (building a module costs no FLOP count), and kept in checkpoints, so a
+        reloaded pruned network still reports the count of its original.
+        """
+        if self._original_flops is None and self._size_meter is not None:
+            self._original_flops = self._size_meter.dense_flops(self.model)
+        return self._original_flops
+
+    def size_metrics(self, include_original: bool = False) -> dict[str, float]:
+        """``params/total``, ``params/nonzero``, ``flops/dense``, ``flops/effective``, ``compression``;
+        with ``include_original`` also ``params/original``, ``flops/original`` (the network as built,
+        kept in checkpoints) and ``flops/reduction`` (original / current dense FLOPs)."""
         if self._size_meter is None:
             raise RuntimeError("size metrics need input_shape (the data module's input shape)")
-        return self._size_meter(self.model)
+        if include_original:
+            self._size_meter.original_flops = self.original_flops
+        return self._size_meter(self.model, include_original=include_original)
 
     def _log_size_metrics(self) -> None:
         if self._size_meter is not None and not self.trainer.sanity_checking:
@@ -359,9 +411,14 @@ class GrowPruneModule(pl.LightningModule):
     # ------------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load weights, first resizing layers whose shapes were changed by structural surgery."""
+        if self._original_flops is None:
+            current = self.model.state_dict()
+            stored = {key[len("model."):]: value for key, value in state_dict.items() if key.startswith("model.")}
+            if any(name not in current or current[name].shape != value.shape for name, value in stored.items()):
+                _ = self.original_flops  # the network as built, before it takes the stored shapes
         if resize_to_state_dict(self.model, state_dict, prefix="model."):
             self.invalidate_mask_cache()
-            self._size_meter = SizeMeter(self.input_shape, self.original_params) if self.input_shape else None
+            self._size_meter = SizeMeter(self.input_shape, self.original_params, self._original_flops) if self.input_shape else None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -369,18 +426,24 @@ class GrowPruneModule(pl.LightningModule):
             "masks": {name: mask.detach().to(torch.bool).cpu() for name, mask in self.masks.items()},
             "edit_log": list(self.edit_log),
             "original_params": self.original_params,
+            "original_flops": self.original_flops,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("growprune")
         if state is None:
             return
+        if state.get("original_flops") is not None:
+            self._original_flops = float(state["original_flops"])
+        else:
+            _ = self.original_flops  # an older checkpoint: count the network as built, before the replay
         edit_log = list(state.get("edit_log", []))
         self._replay_edits(edit_log, checkpoint.get("state_dict", {}))
         self.edit_log = edit_log
         self.original_params = int(state.get("original_params", self.original_params))
         if self._size_meter is not None:
             self._size_meter.original_params = self.original_params
+            self._size_meter.original_flops = self._original_flops
         masks = {}
         for name, mask in state.get("masks", {}).items():
             parameter = self.model.get_parameter(name)

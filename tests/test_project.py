@@ -55,7 +55,8 @@ def test_readme_setup_commands_are_what_make_and_ci_run():
     assert commands(recipes["demo"]) == ["growprune fit -c configs/quickstart.yaml"]
     # `make test` runs pytest with the project's settings (pyproject: slow tests excluded), W&B off
     assert commands(recipes["test"]) == ["python -m pytest -q"]
-    assert "WANDB_MODE=disabled" in recipes["test"][0]
+    assert "WANDB_MODE=$(WANDB_MODE)" in recipes["test"][0]
+    assert re.search(r"^WANDB_MODE \?= disabled$", (REPO / "Makefile").read_text(), re.M)
     assert recipes["test-slow"] and "-m slow" in recipes["test-slow"][0]
     # both first build the environment (the stamp target installs the pinned versions)
     rules = dict(re.findall(r"^(demo|test):\s*(.*)$", (REPO / "Makefile").read_text(), re.M))
@@ -64,6 +65,8 @@ def test_readme_setup_commands_are_what_make_and_ci_run():
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.strip().startswith("#")]
     assert ci[-1] == "make test" and "set -euo pipefail" in ci
+    # ... with W&B offline, so the W&B logging runs in CI too
+    assert "export WANDB_MODE=offline" in ci
 
 
 def readme_python_blocks() -> list:
