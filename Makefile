@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # W&B logging (offline runs are written under each test's temporary directory), as CI does.
 WANDB_MODE ?= disabled
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all test-torchvision bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	WANDB_MODE=$(WANDB_MODE) $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# the torchvision models `make test` skips by size, built for real (CI runs it after `make test`)
+test-torchvision: $(STAMP)
+	WANDB_MODE=$(WANDB_MODE) $(BIN)/python -m pytest -q -m slow tests/test_torchvision_models.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput

@@ -64,7 +64,7 @@ def test_readme_setup_commands_are_what_make_and_ci_run():
     # CI runs exactly the README's test command
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.strip().startswith("#")]
-    assert ci[-1] == "make test" and "set -euo pipefail" in ci
+    assert ci[-2:] == ["make test", "make test-torchvision"] and "set -euo pipefail" in ci
     # ... with W&B offline, so the W&B logging runs in CI too
     assert "export WANDB_MODE=offline" in ci
 
