@@ -8,8 +8,8 @@ import torch
 
 from growprune import GrowPruneModule
 from growprune.cli import main
-from growprune.criteria import GradientCriterion, MagnitudeCriterion, RandomCriterion, WeightCriterion
-from growprune.schedules import Constant, Linear, OneShot, Steps
+from growprune.criteria import GradientCriterion, RandomCriterion, WeightCriterion
+from growprune.schedules import Constant, OneShot, Steps
 from growprune.strategies import UnstructuredPruning
 from growprune.surgery import export_model, load_exported_state_dict, make_permanent
 from tests.helpers import StopAfter, tiny_data, tiny_trainer
