@@ -4,8 +4,8 @@ Sizes: each model runs at the smallest square input it takes, but not below 32x3
 models in ``MIN_SIZE`` need more). Time: building, checking and counting one model costs 0.1-2 s of
 CPU (about 170 s for all 80), so the default suite builds the models up to ``FAST_PARAMS``
 parameters and skips the larger ones by size, saying so; ``test_large_model`` (marked slow, run by
-``make test-slow``) builds those. Every family still builds in the default suite through
-``test_one_input_channel`` (the large ones on the meta device).
+``make test-slow`` and by ``make test-torchvision``, which CI runs) builds those. Every family still
+builds in the default suite through ``test_one_input_channel`` (the large ones on the meta device).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def check_model(name: str) -> None:
 def test_model(name):
     if name in LARGE:
         pytest.skip(f"{name}: {published_parameters(name) / 1e6:.1f}M parameters > {FAST_PARAMS / 1e6:.0f}M: over "
-                    "the default suite's time budget; test_large_model builds it (make test-slow)")
+                    "the default suite's time budget; test_large_model builds it (make test-torchvision, run in CI)")
     check_model(name)
 
 
