@@ -55,3 +55,24 @@ class StopAfter(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+def masked_copy(model: nn.Module, graph, plan: dict) -> nn.Module:
+    """A copy of ``model`` whose planned channels are switched off (the producing conv/linear rows
+    and the batch-norm scale and shift set to 0) instead of removed: what the pruned model must compute."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    names = {module: name for name, module in model.named_modules()}
+    with torch.no_grad():
+        for root, indices in plan.items():
+            chosen = set(indices)
+            for item in graph.tp_group(root).items:
+                module = item.dep.target.module
+                if graph.graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+                    rows = [i for i, r in zip(item.idxs, item.root_idxs) if r in chosen]
+                    target = copied.get_submodule(names[module])
+                    target.weight[rows] = 0
+                    if target.bias is not None:
+                        target.bias[rows] = 0
+    return copied

@@ -2,7 +2,6 @@
 layers' weights functionally (torchvision's Swin), graphs that grow without bound. Each is handled
 (the channels through it stay whole) or refused with a message naming the part, before any change."""
 
-import copy
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from growprune.schedules import OneShot
 from growprune.strategies import StructuredPruning
 from growprune.surgery.channels import ChannelGraph
 from growprune.surgery.depgraph import GraphLimits
+from tests.helpers import masked_copy
 
 
 def snapshot(model):
@@ -29,23 +29,6 @@ def unchanged(model, before):
     state, training, flags = before
     return model.training == training and [p.requires_grad for p in model.parameters()] == flags and \
         model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-
-
-def masked(model, graph, plan):
-    """``model`` with the planned channels switched off (weights, BN scale and shift 0) instead of removed."""
-    copied = copy.deepcopy(model)
-    names = {module: name for name, module in model.named_modules()}
-    with torch.no_grad():
-        for root, indices in plan.items():
-            for item in graph.tp_group(root).items:
-                module = item.dep.target.module
-                if graph.graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-                    rows = [i for i, r in zip(item.idxs, item.root_idxs) if r in set(indices)]
-                    target = copied.get_submodule(names[module])
-                    target.weight[rows] = 0
-                    if target.bias is not None:
-                        target.bias[rows] = 0
-    return copied
 
 
 def prune_and_compare(model, shape, amount):
@@ -66,7 +49,7 @@ def prune_and_compare(model, shape, amount):
     groups = strategy.graph.groups()
     scores = {group.root: strategy.criterion.score(strategy.graph, group) for group in groups}
     plan = strategy.plan(module, groups, scores, amount)
-    reference = masked(model, strategy.graph, plan)
+    reference = masked_copy(model, strategy.graph, plan)
     strategy.graph.remove(plan)
     inputs = torch.randn(2, *shape)
     with torch.no_grad():

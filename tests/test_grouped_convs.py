@@ -1,7 +1,6 @@
 """Grouped convolutions (ResNeXt, RegNet): channels change in equal numbers in every conv group, so
 every group keeps its own inputs and outputs and the kept channels compute what they did."""
 
-import copy
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from growprune.schedules import OneShot
 from growprune.strategies import StructuredPruning
 from growprune.surgery.channels import ChannelGraph, ChannelGroup
 from growprune.surgery.edits import AddChannels
+from tests.helpers import masked_copy
 
 SHAPE = (3, 16, 16)
 
@@ -68,24 +68,6 @@ def prepared(build):
     return model
 
 
-def masked(model, graph, plan):
-    """A copy of ``model`` whose planned channels are switched off (weights and BN scale/shift 0) instead of removed."""
-    copied = copy.deepcopy(model)
-    names = {module: name for name, module in model.named_modules()}
-    with torch.no_grad():
-        for root, indices in plan.items():
-            for item in graph.tp_group(root).items:
-                module = item.dep.target.module
-                if not graph.graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
-                    continue
-                rows = [i for i, r in zip(item.idxs, item.root_idxs) if r in set(indices)]
-                target = copied.get_submodule(names[module])
-                target.weight[rows] = 0
-                if target.bias is not None:
-                    target.bias[rows] = 0
-    return copied
-
-
 def assert_valid(model):
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d):
@@ -119,7 +101,7 @@ def test_half_the_flops_keeps_grouped_convs_valid_and_the_kept_function(family, 
     groups = graph.groups()
     scores = {group.root: strategy.criterion.score(graph, group) for group in groups}
     plan = strategy.plan(module, groups, scores, 0.5)
-    reference = masked(model, graph, plan)
+    reference = masked_copy(model, graph, plan)
     graph.remove(plan)
     assert_valid(model)
     ratio = dense_flops(model, shape) / dense
