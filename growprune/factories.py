@@ -54,6 +54,10 @@ def describe_factory(factory: Any, kind: str) -> str | dict[str, Any] | None:
     target, args, kwargs = factory, (), {}
     if isinstance(factory, functools.partial):
         target, args, kwargs = factory.func, factory.args, dict(factory.keywords)
+        if _is_jsonargparse_instantiation(target) and len(args) == 2 and inspect.isclass(args[1]):
+            # what jsonargparse builds from a config's class_path/init_args (e.g. when Lightning
+            # re-instantiates a CLI checkpoint's module): partial(<its call wrapper>, <instantiator>, cls, **init_args)
+            target, args = args[1], ()
     path = _import_path(target)
     if path is None or not _produces(target, kind):
         return _marker(factory)
@@ -72,6 +76,11 @@ def describe_factory(factory: Any, kind: str) -> str | dict[str, Any] | None:
     if inspect.isclass(target) or kwargs:
         return {"class_path": path, "init_args": kwargs}
     return path
+
+
+def _is_jsonargparse_instantiation(function: Any) -> bool:
+    return getattr(function, "__module__", "").startswith("jsonargparse") and \
+        getattr(function, "__name__", "") == "call_without_instantiate_context"
 
 
 def build_factory(value: Any, kind: str, argument: str) -> Callable[..., Any] | None:

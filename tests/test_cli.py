@@ -4,11 +4,13 @@ import csv
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from growprune import GrowPruneModule
 from growprune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +39,15 @@ def test_fit_quickstart_writes_summary_and_checkpoint_that_validate_reloads(caps
     assert checkpoint.is_file()
     # the checkpoint loads with torch's safe default (no pickled objects)
     torch.load(checkpoint, weights_only=True)
+    # ... and as a module in Python: Lightning re-instantiates it through jsonargparse, whose factory
+    # partials must still be described by class path (so the reloaded module's own checkpoints keep them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|Checkpoint directory).*")
+        reloaded = GrowPruneModule.load_from_checkpoint(checkpoint, weights_only=True)
+    assert reloaded.hparams["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert reloaded.hparams["optimizer"]["init_args"]["lr"] == 0.05
+    assert reloaded.hparams["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
 
     main(["validate", "-c", QUICKSTART, *FAST, "--ckpt_path", str(checkpoint)])
     output = capsys.readouterr().out
