@@ -309,6 +309,15 @@ class GrowPruneModule(pl.LightningModule):
             graph = self._channel_graph = ChannelGraph(self.model, self.example_inputs())
         return graph
 
+    def permissible_elements(self, channel_groups: bool = True) -> Any:
+        """Every permissible element of the network: channel groups, layers, cells, insertion points
+        (:func:`growprune.surgery.discovery.permissible_elements`, with this module's channel graph;
+        ``channel_groups=False`` skips it, for models channel surgery cannot handle)."""
+        from growprune.surgery.discovery import permissible_elements
+
+        graph = self.channel_graph() if channel_groups else None
+        return permissible_elements(self.model, self.example_inputs(), channel_groups=channel_groups, graph=graph)
+
     def apply_edit(self, edit: Edit, log: bool = True, info: dict[str, Any] | None = None) -> EditResult:
         """Apply a typed edit (:mod:`growprune.surgery.edits`) to the network, from anywhere.
 

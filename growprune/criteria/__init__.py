@@ -14,6 +14,7 @@ from growprune.criteria.channels import (
     RandomChannelCriterion,
     TaylorCriterion,
 )
+from growprune.criteria.layers import BlockInfluenceCriterion, LayerCriterion, LayerWeightCriterion
 from growprune.criteria.nnrelief import NNReliefCriterion, cumulative_keep_mask
 from growprune.criteria.weights import GradientCriterion, MagnitudeCriterion, RandomCriterion
 
@@ -21,10 +22,13 @@ __all__ = [
     "ActivityCriterion",
     "BNScaleCriterion",
     "Batch",
+    "BlockInfluenceCriterion",
     "ChannelCriterion",
     "Criterion",
     "FilterNormCriterion",
     "GradientCriterion",
+    "LayerCriterion",
+    "LayerWeightCriterion",
     "MagnitudeCriterion",
     "NNReliefCriterion",
     "RandomChannelCriterion",

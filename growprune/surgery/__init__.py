@@ -4,6 +4,7 @@
 * :mod:`~growprune.surgery.changes`: :class:`ParameterChange`, how a changed tensor's entries moved;
 * :mod:`~growprune.surgery.channels`: :class:`ChannelGraph`, channel groups (DepGraph) and their surgery;
 * :mod:`~growprune.surgery.layers`: layer and cell insertion and removal;
+* :mod:`~growprune.surgery.discovery`: every permissible element (channel groups, layers, cells, insertion points);
 * :mod:`~growprune.surgery.units`: the unit-level graph (which layer consumes which units);
 * :mod:`~growprune.surgery.edits`: the typed edit log and its replay;
 * :mod:`~growprune.surgery.masks`, :mod:`~growprune.surgery.optimizer`, :mod:`~growprune.surgery.resize`:
@@ -13,6 +14,7 @@
 from growprune.modes import preserved_modes
 from growprune.surgery.changes import NEW, ParameterChange
 from growprune.surgery.channels import ChannelGraph, ChannelGroup
+from growprune.surgery.discovery import PermissibleElements, permissible_elements
 from growprune.surgery.edits import (
     AddChannels,
     Edit,
@@ -46,6 +48,7 @@ __all__ = [
     "LayerHandler",
     "MaskWeights",
     "ParameterChange",
+    "PermissibleElements",
     "RemoveCell",
     "RemoveChannels",
     "RemoveLayer",
@@ -56,6 +59,7 @@ __all__ = [
     "keep_masks",
     "load_exported_state_dict",
     "make_permanent",
+    "permissible_elements",
     "preserved_modes",
     "register_edit",
     "register_layer_handler",

@@ -34,7 +34,16 @@ import torch.nn as nn
 
 from growprune.surgery.changes import ParameterChange
 from growprune.surgery.channels import ChannelGraph
-from growprune.surgery.layers import INITS, build_module, initialise, insert_after, insert_cell, remove_module
+from growprune.surgery.layers import (
+    INITS,
+    build_module,
+    copy_architecture,
+    initialise,
+    insert_after,
+    insert_cell,
+    remove_members,
+    remove_module,
+)
 
 
 @dataclass
@@ -189,30 +198,54 @@ class AddChannels(Edit):
 @register_edit
 @dataclass
 class RemoveLayer(Edit):
-    """Replace the layer at ``path`` by identity (its output shape must equal its input shape)."""
+    """Replace the layer at ``path`` by identity (its output shape must equal its input shape).
+
+    ``members``: the layer's modules when it is more than one (a weight layer and the norm and
+    activation modules after it in an ``nn.Sequential``, as
+    :func:`~growprune.surgery.discovery.permissible_elements` lists them, ``path`` first); all are
+    replaced by identities. Empty (the default, and every log written before it existed): only
+    the module at ``path``.
+    """
 
     kind: ClassVar[str] = "remove_layer"
     path: str = ""
+    members: list[str] = field(default_factory=list)
 
     def apply(self, model: nn.Module, context: EditContext) -> EditResult:
-        return EditResult(removed=remove_module(model, self.path, context.example_inputs, "layer"))
+        if not self.members:
+            return EditResult(removed=remove_module(model, self.path, context.example_inputs, "layer"))
+        if self.members[0] != self.path:
+            raise ValueError(f"remove_layer: the first member must be the path {self.path!r}, got {self.members[0]!r}")
+        return EditResult(removed=remove_members(model, self.members, context.example_inputs, "layer"))
+
+    def to_dict(self) -> dict[str, Any]:
+        # a single-module removal keeps the format logs had before members existed
+        entry: dict[str, Any] = {"op": self.kind, "path": self.path}
+        if self.members:
+            entry["members"] = list(self.members)
+        return entry
 
 
 @register_edit
 @dataclass
 class InsertLayer(Edit):
-    """Run a new layer (built from ``layer``, a ``class_path``/``init_args`` spec) after ``path``.
+    """Run a new layer (built from ``layer``) after ``path``.
 
-    ``init``: ``None`` (the constructor's initialisation) or ``"identity"`` (square linear/conv).
+    ``layer``: a ``class_path``/``init_args`` spec, a list of them (an ``nn.Sequential``, e.g.
+    ``[conv, batch norm, ReLU]``) or ``{"copy_of": <path>}`` (a freshly initialised copy of a module
+    of the model, built when the edit is applied or replayed).
+    ``init``: ``None`` (the constructor's initialisation) or ``"identity"`` (square linear/conv, or
+    such a layer followed by batch norm / ReLU: exact in eval mode, see
+    :func:`~growprune.surgery.layers.initialise`).
     """
 
     kind: ClassVar[str] = "insert_layer"
     path: str = ""
-    layer: dict[str, Any] = field(default_factory=dict)
+    layer: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
     init: str | None = None
 
     def apply(self, model: nn.Module, context: EditContext) -> EditResult:
-        new = _new_module(self.layer, self.init, context.example_inputs)
+        new = _new_module(self.layer, self.init, context.example_inputs, model)
         renamed, added = insert_after(model, self.path, new, context.example_inputs)
         return EditResult(renamed=renamed, added=added)
 
@@ -222,17 +255,20 @@ class InsertLayer(Edit):
 class InsertCell(Edit):
     """Insert a new cell (built from ``cell``) at position ``index`` of the ``nn.Sequential`` ``stage``.
 
-    ``init``: ``None`` or ``"zero_last_norm"`` (a residual cell then leaves its input unchanged).
+    ``cell``: a spec as for :class:`InsertLayer`; ``{"copy_of": "layers.1.2"}`` copies the
+    architecture of an existing block (e.g. the stage's last), so no spec has to be written by hand.
+    ``init``: ``None`` or ``"zero_last_norm"`` (a residual cell then adds nothing). The stage must
+    hold a residual block, or the new cell must be one.
     """
 
     kind: ClassVar[str] = "insert_cell"
     stage: str = ""
     index: int = 0
-    cell: dict[str, Any] = field(default_factory=dict)
+    cell: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
     init: str | None = None
 
     def apply(self, model: nn.Module, context: EditContext) -> EditResult:
-        new = _new_module(self.cell, self.init, context.example_inputs)
+        new = _new_module(self.cell, self.init, context.example_inputs, model)
         renamed, added = insert_cell(model, self.stage, int(self.index), new, context.example_inputs)
         return EditResult(renamed=renamed, added=added)
 
@@ -249,12 +285,22 @@ class RemoveCell(Edit):
         return EditResult(removed=remove_module(model, self.path, context.example_inputs, "cell"))
 
 
-def _new_module(spec: Mapping[str, Any], init: str | None, example: torch.Tensor) -> nn.Module:
-    """A layer or cell built from its spec, initialised, on the device and dtype of the inputs."""
+def _new_module(spec: Mapping[str, Any] | list[Mapping[str, Any]], init: str | None, example: torch.Tensor,
+                model: nn.Module | None = None) -> nn.Module:
+    """A layer or cell built from its spec (``{"copy_of": path}`` needs ``model``), initialised, on the
+    device and dtype of the inputs, in the model's train/eval mode."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    module = build_module(spec).to(device=example.device, dtype=example.dtype)
+    if isinstance(spec, Mapping) and "copy_of" in spec:
+        if model is None:
+            raise ValueError("a copy_of spec needs the model it copies from")
+        module = copy_architecture(model, str(spec["copy_of"]))
+    else:
+        module = build_module(spec)
+    module = module.to(device=example.device, dtype=example.dtype)
     initialise(module, init)
+    if model is not None:
+        module.train(model.training)
     return module
 
 
