@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -20,10 +22,17 @@ class VGG(nn.Module):
 
     The global pool makes the classifier independent of the input resolution (32x32 inputs give
     1x1 maps after five pools, where it changes nothing).
+
+    ``width`` scales every convolution's channels: ``max(1, round(c * width))`` (0.25 gives the
+    quarter-width VGG that :class:`~growprune.strategies.ChannelGrowth` grows back to full width).
     """
 
-    def __init__(self, config: list[int | str], num_classes: int = 10, in_channels: int = 3, batch_norm: bool = True):
+    def __init__(self, config: list[int | str], num_classes: int = 10, in_channels: int = 3, batch_norm: bool = True,
+                 width: float = 1.0):
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+            raise ValueError(f"VGG width must be a finite number > 0, got {width!r}")
+        config = [item if item == "M" else max(1, round(int(item) * width)) for item in config]
         layers: list[nn.Module] = []
         channels = in_channels
         for item in config:
@@ -44,12 +53,13 @@ class VGG(nn.Module):
 
 
 def _make_builder(depth_name: str, batch_norm: bool):
-    def builder(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-        return VGG(_CONFIGS[depth_name], num_classes=num_classes, in_channels=in_channels, batch_norm=batch_norm)
+    def builder(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+        return VGG(_CONFIGS[depth_name], num_classes=num_classes, in_channels=in_channels, batch_norm=batch_norm,
+                   width=width)
 
     suffix = "_bn" if batch_norm else ""
     builder.__name__ = f"{depth_name}{suffix}"
-    builder.__doc__ = f"{depth_name.upper()} for small images{' with batch norm' if batch_norm else ''}."
+    builder.__doc__ = f"{depth_name.upper()} for small images{' with batch norm' if batch_norm else ''}; ``width`` scales the channels."
     return builder
 
 
