@@ -1,6 +1,7 @@
 """Strategies: Lightning callbacks that grow or prune the network on a schedule."""
 
 from growprune.strategies.base import Strategy
+from growprune.strategies.growth import ChannelGrowth
 from growprune.strategies.layers import CellGrowth, CellPruning, LayerGrowth, LayerPruning
 from growprune.strategies.nnrelief import NNReliefPruning
 from growprune.strategies.regularizers import NetworkSlimming, PolarizationPruning
@@ -10,6 +11,7 @@ from growprune.strategies.unstructured import UnstructuredPruning
 __all__ = [
     "CellGrowth",
     "CellPruning",
+    "ChannelGrowth",
     "LayerGrowth",
     "LayerPruning",
     "NNReliefPruning",

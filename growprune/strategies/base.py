@@ -32,6 +32,7 @@ from growprune.criteria.base import Batch
 from growprune.errors import ConfigurationError
 from growprune.schedules import OneShot, Schedule, Steps
 from growprune.surgery.edits import Edit, EditResult
+from growprune.triggers import Trigger
 from growprune.validation import check_integer
 
 
@@ -85,6 +86,7 @@ class Strategy(Callback):
         # compresses the same way even if its own training length differs)
         self._fitted_to: int | None = None
         self._pending_edits: list[dict[str, Any]] = []
+        self._stored_trigger: dict[str, Any] | None = None  # a resumed run's trigger state
 
     # ------------------------------------------------------------------------ to override
     def check(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -106,7 +108,11 @@ class Strategy(Callback):
 
     def resolve_schedule(self, trainer: pl.Trainer) -> Schedule:
         """This fit's schedule: a copy of ``schedule`` with ``end`` fixed to the last epoch/step,
-        checked against the training length (see :meth:`fit_to_training`)."""
+        checked against the training length (see :meth:`fit_to_training`). A
+        :class:`~growprune.triggers.Trigger` has no action times: its copy starts with fresh
+        counters (or the resumed run's) and is never refused."""
+        if isinstance(self.schedule, Trigger):
+            return self.resolve_trigger()
         schedule = copy.deepcopy(self.schedule)
         length, bound = training_length(trainer, schedule.unit)
         if schedule.end is None:
@@ -121,6 +127,15 @@ class Strategy(Callback):
             schedule = schedule.resolved(end)
         self._resolved_end = schedule.end
         return self.fit_to_training(schedule, length, bound)
+
+    def resolve_trigger(self) -> Trigger:
+        """This fit's copy of the configured trigger, with the interrupted run's state when resuming."""
+        self.schedule.check_strategy(self)
+        trigger = copy.deepcopy(self.schedule)
+        trigger.reset_state()
+        if self._stored_trigger:
+            trigger.load_state_dict(self._stored_trigger)
+        return trigger
 
     def fit_to_training(self, schedule: Schedule, length: int | None, bound: str) -> Schedule:
         """``schedule`` (end resolved) if every action it has left happens within ``length``
@@ -205,17 +220,28 @@ class Strategy(Callback):
         if self.schedule.unit == "step":
             self._maybe_act(trainer, pl_module, trainer.global_step)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.active_schedule, Trigger) and not trainer.sanity_checking:
+            self.active_schedule.observe(trainer)  # before the checkpoint callbacks save the state
+
     def _maybe_act(self, trainer: pl.Trainer, pl_module: Any, time: int) -> None:
         if time in self._done or self.active_schedule is None:
             return
-        target = self.active_schedule.target_at(time)
+        trigger = self.active_schedule if isinstance(self.active_schedule, Trigger) else None
+        if trigger is not None:
+            # rank 0 decides: every rank must change the network the same way at the same time
+            target = broadcast_from_rank_zero(trainer, trigger.poll(time, trainer, pl_module, self))
+            trigger.load_state_dict(broadcast_from_rank_zero(trainer, trigger.state_dict()))
+        else:
+            target = self.active_schedule.target_at(time)
         if target is None:
             return
         self._pending_edits = []
         record = self.act(trainer, pl_module, target)
         self._done.add(time)
         record = {"strategy": self.name, "type": type(self).__name__, "unit": self.schedule.unit, "time": time,
-                  "target": target, **record, "ops": list(self._pending_edits)}
+                  "target": target, **(trigger.record() if trigger is not None else {}), **record,
+                  "ops": list(self._pending_edits)}
         self._pending_edits = []
         pl_module.edit_log.append(record)
         self.history.append(record)
@@ -259,8 +285,11 @@ class Strategy(Callback):
     # ------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         end = self._resolved_end if self._resolved_end is not None else self._stored_end
-        return {"done": sorted(self._done), "history": list(self.history), "schedule_end": end,
-                "fitted_to": self._fitted_to, "original": self.original}
+        state = {"done": sorted(self._done), "history": list(self.history), "schedule_end": end,
+                 "fitted_to": self._fitted_to, "original": self.original}
+        if isinstance(self.active_schedule, Trigger):
+            state["trigger"] = self.active_schedule.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # called after setup() of a resumed fit: what the interrupted fit knew replaces the fresh state
@@ -270,6 +299,10 @@ class Strategy(Callback):
         self._fitted_to = state_dict.get("fitted_to")
         if state_dict.get("original"):
             self.original = state_dict["original"]
+        if state_dict.get("trigger") is not None:
+            self._stored_trigger = dict(state_dict["trigger"])
+            if isinstance(self.active_schedule, Trigger):
+                self.active_schedule.load_state_dict(self._stored_trigger)
 
 
 def training_length(trainer: pl.Trainer, unit: str) -> tuple[int | None, str]:
