@@ -4,6 +4,7 @@ from growprune.strategies.base import Strategy
 from growprune.strategies.growth import ChannelGrowth
 from growprune.strategies.layers import CellGrowth, CellPruning, LayerGrowth, LayerPruning
 from growprune.strategies.nnrelief import NNReliefPruning
+from growprune.strategies.regrowth import Regrowth
 from growprune.strategies.regularizers import NetworkSlimming, PolarizationPruning
 from growprune.strategies.structured import StructuredPruning
 from growprune.strategies.unstructured import UnstructuredPruning
@@ -17,6 +18,7 @@ __all__ = [
     "NNReliefPruning",
     "NetworkSlimming",
     "PolarizationPruning",
+    "Regrowth",
     "Strategy",
     "StructuredPruning",
     "UnstructuredPruning",
