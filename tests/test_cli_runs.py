@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,7 +131,9 @@ def test_resumed_fit_continues_its_run_directory_metrics_and_wandb_run(tmp_path,
     assert not list(run.glob("metrics-before-resume*.csv"))
     # W&B: the second fit logged into the same run (offline: a second folder with the same id)
     folders = sorted(path.name for path in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(name.endswith(f"-{run_id}") for name in folders)
+    # (W&B names the folder by the start time to the second; a resume started in the same second
+    # as the first fit started gets the name with "-1" appended: no folder is overwritten)
+    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", name) for name in folders), folders
 
 
 def test_checkpoint_outside_a_run_directory_starts_a_new_run(tmp_path, capsys):
