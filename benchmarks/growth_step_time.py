@@ -81,7 +81,7 @@ def timed(owner: Any, name: str, times: dict[str, float], key: str) -> Iterator[
         setattr(owner, name, original)
 
 
-def one_step(arch: str, method: str, batch_size: int, grow: float) -> dict[str, float]:
+def one_step(arch: str, method: str, batch_size: int, grow: float, statistic: bool = True) -> dict[str, float]:
     module = make_module(arch)
     optimizer = module.configure_optimizers()
     inputs, targets = batch(batch_size)
@@ -113,9 +113,11 @@ def one_step(arch: str, method: str, batch_size: int, grow: float) -> dict[str, 
     with timed(initializers_module, "group_units", times, "probe"), \
             timed(initializers_module, "new_unit_gradient_norm", times, "gradient norm"):
         start = time.perf_counter()
-        stats = initializer.initialize(module.model, units, [(inputs, targets)])
+        # without the statistic a data-free initialiser gets no batches (ChannelGrowth's scoring_batches: 0)
+        stats = initializer.initialize(module.model, units, [(inputs, targets)] if statistic else None)
         times["init"] = time.perf_counter() - start
     times.setdefault("probe", 0.0)
+    times.setdefault("gradient norm", 0.0)
     times["method"] = times["init"] - times["probe"] - times["gradient norm"]
     times["step"] = times["surgery"] + times["repair"] + times["units"] + times["init"]
     times["added"] = float(sum(plan.values()))
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=records.results_path("growth_step_time"))
+    parser.add_argument("--without-statistic", action="store_true",
+                        help="give data-free initialisers no batches, so no gradient_norm pass (ChannelGrowth with scoring_batches: 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = records.run_info()
@@ -147,7 +151,9 @@ def main() -> None:
     for repeat in range(args.repeats):
         for arch in args.models:
             for method in args.methods:
-                times = one_step(arch, method, args.batch, args.grow)
+                if args.without_statistic and METHODS[method]().requires_data:
+                    parser.error(f"--without-statistic: {method} needs batches")
+                times = one_step(arch, method, args.batch, args.grow, statistic=not args.without_statistic)
                 results.setdefault((arch, method), []).append(times)
                 print(f"  {arch} {method} repeat {repeat}: " + ", ".join(f"{key} {value * 1e3:.0f} ms" for key, value in times.items()
                                                                       if key not in ("added", "groups", "gradient_norm_value")),
@@ -163,7 +169,7 @@ def main() -> None:
               + " | ".join(cell([r[p] for r in runs]) for p in phases) + f" | {top} ({parts[top] / sum(parts.values()):.0%}) |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at end")
     settings = {"input": "3x32x32", "batch_size": args.batch, "grow": args.grow, "form": "safe", "repeats": args.repeats,
-                "optimizer": "SGD lr=0.01 momentum=0.9"}
+                "optimizer": "SGD lr=0.01 momentum=0.9", "statistic": not args.without_statistic}
     rows = [{"model": arch, "initializer": method, "repeat": repeat, "phase": phase,
              "value": round(value * 1e3, 3) if phase not in ("added", "groups", "gradient_norm_value") else round(value, 6),
              "unit": "ms" if phase not in ("added", "groups", "gradient_norm_value") else "-", **settings, **env}
