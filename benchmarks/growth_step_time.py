@@ -26,20 +26,19 @@ Prints a Markdown table of medians (min-max) in ms and appends every measurement
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import growprune.growth.initializers as initializers_module
 from benchmarks import records
-from benchmarks.timing import machine
+from benchmarks.timing import machine, timed_attribute
 from growprune import GrowPruneModule
 from growprune.growth import Firefly, GradMax, GradMaxOpt, RandomInit, new_units
 from growprune.surgery.channels import ChannelGraph
@@ -59,26 +58,6 @@ def make_module(arch: str) -> GrowPruneModule:
 def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(size, *INPUT_SHAPE, generator=generator), torch.randint(0, 10, (size,), generator=generator)
-
-
-@contextlib.contextmanager
-def timed(owner: Any, name: str, times: dict[str, float], key: str) -> Iterator[None]:
-    """Add the time spent in ``owner.name`` to ``times[key]`` while inside."""
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            times[key] = times.get(key, 0.0) + time.perf_counter() - start
-
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def one_step(arch: str, method: str, batch_size: int, grow: float, statistic: bool = True) -> dict[str, float]:
@@ -110,8 +89,8 @@ def one_step(arch: str, method: str, batch_size: int, grow: float, statistic: bo
     times["units"] = time.perf_counter() - start
 
     initializer = METHODS[method]()
-    with timed(initializers_module, "group_units", times, "probe"), \
-            timed(initializers_module, "new_unit_gradient_norm", times, "gradient norm"):
+    with timed_attribute(initializers_module, "group_units", times, "probe"), \
+            timed_attribute(initializers_module, "new_unit_gradient_norm", times, "gradient norm"):
         start = time.perf_counter()
         # without the statistic a data-free initialiser gets no batches (ChannelGrowth's scoring_batches: 0)
         stats = initializer.initialize(module.model, units, [(inputs, targets)] if statistic else None)

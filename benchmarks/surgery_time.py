@@ -30,7 +30,6 @@ is appended with the run's settings and git commit to ``benchmarks/results/surge
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import functools
 import logging
@@ -40,7 +39,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import growprune.module as module_module
 import growprune.surgery.optimizer as optimizer_module
 from benchmarks import records
-from benchmarks.timing import bare_trainer, machine, median
+from benchmarks.timing import bare_trainer, machine, median, timed_attribute
 from growprune import GrowPruneModule
 from growprune.metrics import count_parameters, dense_flops
 from growprune.schedules import OneShot
@@ -71,26 +70,6 @@ def make_module(arch: str) -> GrowPruneModule:
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(BATCH, *INPUT_SHAPE, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator)
-
-
-@contextlib.contextmanager
-def timed_attribute(owner: Any, name: str, times: dict[str, float], key: str) -> Iterator[None]:
-    """Replace ``owner.name`` by a wrapper that adds its wall time to ``times[key]``; restore after."""
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            times[key] = times.get(key, 0.0) + time.perf_counter() - start
-
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def stopwatch(times: dict[str, float], key: str, function: Callable[[], Any]) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
 
@@ -57,3 +59,23 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int) -> d
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+@contextlib.contextmanager
+def timed_attribute(owner: Any, name: str, times: dict[str, float], key: str) -> Iterator[None]:
+    """Replace ``owner.name`` by a wrapper that adds its wall time to ``times[key]``; restore after."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
