@@ -149,7 +149,7 @@ def test_data_short_names_resolve(capsys):
     [
         (["--model.arch", "lenet_301"], "unknown model 'lenet_301'; valid names: lenet5, lenet_300_100"),
         (["--data", "digitz"], "unknown data set 'digitz'; valid names: cifar10"),
-        (["--model.arch", "lenet5"], "12x12"),
+        (["--model.arch", "lenet5"], "16x16"),
         (["--data", "idx", "--data.images", "/missing/images.gz", "--data.labels", "/missing/labels.gz"], "/missing/images.gz"),
         (["--model.no_such_key", "3"], "no_such_key"),
     ],

@@ -58,9 +58,15 @@ def test_lenet_300_100_on_digits_size_inputs():
     assert model[1].in_features == 64
 
 
-def test_lenet5_rejects_too_small_images():
-    with pytest.raises(ValueError, match="12x12"):
-        create_model("lenet5", image_size=8)
+@pytest.mark.parametrize("size", [8, 12, 15])
+def test_lenet5_rejects_too_small_images(size):
+    with pytest.raises(ValueError, match="at least 16x16"):
+        create_model("lenet5", image_size=size)
+
+
+def test_lenet5_smallest_accepted_image_runs():
+    model = create_model("lenet5", image_size=16)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 
 def test_resnet_option_b_shortcut_has_projection_parameters():

@@ -29,12 +29,12 @@ def lenet_300_100(num_classes: int = 10, in_channels: int = 1, image_size: int |
 def lenet5(num_classes: int = 10, in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> nn.Module:
     """Conv(20,5x5)-pool-Conv(50,5x5)-pool-FC500-FC10 (431,080 parameters on MNIST).
 
-    Needs inputs of at least 12x12 pixels (two valid 5x5 convolutions with 2x2 pooling).
+    Needs inputs of at least 16x16 pixels (two valid 5x5 convolutions, each followed by 2x2 pooling).
     """
     height, width = _pair(image_size)
     out_h, out_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"lenet5 needs images of at least 12x12 pixels, got {height}x{width}")
+        raise ValueError(f"lenet5 needs images of at least 16x16 pixels, got {height}x{width}")
     return nn.Sequential(
         nn.Conv2d(in_channels, 20, kernel_size=5),
         nn.ReLU(),
