@@ -92,8 +92,10 @@ class FakeEvaluator:
         self.importance = importance
         self.calls = 0
         self.keys: list[str] = []
+        self.races: list[tuple[int, list[float]]] = []  # (protect, known) of each call
 
-    def evaluate(self, requests, score=None, protect=1):
+    def evaluate(self, requests, score=None, protect=1, known=()):
+        self.races.append((protect, list(known)))
         self.calls += len(requests)
         self.keys += [r.key for r in requests]
         results = []
@@ -159,6 +161,21 @@ def test_elites_are_carried_not_reevaluated_and_counts_add_up():
     assert records[-1].macs_full_total == FakeEvaluator.SAMPLES * 48 * evaluator.calls
     # best never gets worse (elitism) and is the best of everything evaluated
     assert all(a.best_fitness[0] <= b.best_fitness[0] for a, b in zip(records, records[1:]))
+
+
+def test_races_protect_the_elite_count_and_know_the_carried_elites_scores():
+    # A race must not decide who the elites are: it evaluates at least `elite` individuals in full
+    # and is given the carried elites' exact scores, so a child that cannot beat them is dropped early.
+    objective = AccuracyAtSparsity(0.5)
+    records, _, evaluator = run(GeneticSearch(population=8, elite=3, tournament=2, mutation_rate=0.05),
+                                chunks=1, objective=objective)
+    assert [protect for protect, _ in evaluator.races] == [3, 3, 3, 3]
+    assert evaluator.races[0][1] == []  # generation 0 carries nothing
+    original = FakeGenotype().original_size()
+    for (_, known), previous in zip(evaluator.races[1:], records):
+        assert len(known) == 3
+        # the best carried elite's race score, recomputed from the previous generation's best
+        assert max(known) == pytest.approx(objective.race_score(previous.best_accuracy, previous.best_size, original))
 
 
 def test_best_record_matches_an_independent_recomputation():

@@ -242,6 +242,7 @@ class Chunk:
     measure: str
     score: RaceScore | None
     protect: int
+    known: list[float] = field(default_factory=list)
 
 
 def _request(genotype: "Genotype", genome: np.ndarray, parent_key: str | None,
@@ -263,7 +264,7 @@ def _evaluate_chunk(shared: tuple["PopulationEvaluator", "Genotype"], chunk: Chu
                 for genome, parent, changed in zip(chunk.genomes, chunk.parent_keys, chunk.changed)]
     # Per request, so each journal line carries its own reference cost.
     full = [int(evaluator.macs_full([request])) for request in requests]
-    results = evaluator.evaluate(requests, score=chunk.score, protect=chunk.protect)
+    results = evaluator.evaluate(requests, score=chunk.score, protect=chunk.protect, known=chunk.known)
     return [
         {"accuracy": float(result.accuracy), "loss": float(result.loss), "samples": int(result.samples),
          "exact": bool(result.exact), "macs": int(result.macs), "macs_full": macs_full, "size": request.size}
@@ -317,7 +318,7 @@ def evolve(
     journal: Journal | None = None,
     start_generation: int = 0,
     on_generation: Callable[[GenerationRecord], None] | None = None,
-    protect: int = 1,
+    protect: int | None = None,
 ) -> "Search":
     """Run generations ``start_generation .. generations - 1`` of a started search.
 
@@ -337,7 +338,9 @@ def evolve(
         start_generation: the first generation to run (0 for a new run).
         on_generation: called with each generation's record after the search was told the scores.
         protect: the best individuals per chunk that a race always evaluates in full (and the
-            number of ``elite_keys`` per record).
+            number of ``elite_keys`` per record); ``None``: the search's ``elite`` count (at least 1),
+            so racing decides nothing about who the elites are. The carried individuals' exact race
+            scores are passed to the race too (``known``): a child that cannot beat them is dropped early.
 
     Returns:
         The search (its :meth:`Search.best` / :meth:`Search.front` are the run's result).
@@ -349,6 +352,8 @@ def evolve(
     _check_int("generations", generations, 0)
     _check_int("chunks", chunks, 1)
     _check_int("start_generation", start_generation, 0)
+    if protect is None:
+        protect = max(1, int(getattr(search, "elite", 1) or 1))
     _check_int("protect", protect, 1)
     if start_generation > generations:
         raise ValueError(f"evolve: start_generation ({start_generation}) is after the last generation ({generations})")
@@ -400,6 +405,10 @@ def _evaluate_generation(
         else:
             new[key] = [individual]
     keys = list(new)
+    # the exact race scores of the carried individuals (elites): the bar a child must pass
+    known = [score(individual.accuracy, individual.size) for individual in individuals
+             if score is not None and individual.evaluated and individual.exact and individual.key not in new
+             and individual.accuracy is not None and individual.size is not None]
     parts = _split(len(keys), chunks)
     results: dict[str, dict[str, Any]] = {}
     pending: list[tuple[list[str], Chunk]] = []
@@ -415,7 +424,7 @@ def _evaluate_generation(
             genomes=[individual.genome for individual in firsts],
             parent_keys=[_parent_key(individual, previous) for individual in firsts],
             changed=[individual.changed for individual in firsts],
-            measure=objective.measure, score=score, protect=protect,
+            measure=objective.measure, score=score, protect=protect, known=known,
         )))
     if pending:
         for index, chunk_results in engine.imap(_evaluate_chunk, [chunk for _, chunk in pending],
