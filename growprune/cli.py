@@ -6,6 +6,7 @@
     growprune fit --print_config           # the full config with every default
     growprune models                       # registered model names
     growprune datasets                     # data module names and classes
+    growprune evolve -c configs/evolve/lenet300_ga_digits.yaml   # evolutionary pruning (growprune.cli_evolve)
 
 Every ``fit``, ``validate`` and ``test`` ends with a summary table and writes the same numbers to
 ``<run dir>/summary.json``; the last line printed is ``summary: <path>``. The run directory is the
@@ -217,6 +218,10 @@ def resolve_data_names(argv: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``growprune`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "evolve":
+        from growprune.cli_evolve import evolve_main
+
+        return evolve_main(argv[1:])
     if argv and argv[0] in ("models", "datasets"):
         _print_listing(argv[0])
         return

@@ -610,6 +610,24 @@ class PopulationEvaluator:
         module = layer.module
         return lambda x: functional_call(module, own, (x,))
 
+    def retrained_weights(self, model: nn.Module | None = None,
+                          masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trainable parameters after the evaluator's retraining (``retrain_steps`` full-batch SGD
+        steps on the bound retraining samples, masks kept), as evaluations see them.
+
+        Args:
+            model: the network to retrain (default: the bound model); it is not modified.
+            masks: parameter name -> 0/1 mask (default: none).
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            ValueError: the evaluator does not retrain (``retrain_steps`` is 0).
+        """
+        self._require_bound()
+        if not self.retrain_steps:
+            raise ValueError("retrained_weights: this evaluator does not retrain (retrain_steps is 0)")
+        return self._retrained(self.model if model is None else model, dict(masks or {}))
+
     def _retrained(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's trainable parameters after ``retrain_steps`` full-batch SGD steps with masks kept."""
         inputs, targets = self._retrain
