@@ -372,3 +372,82 @@ def test_a_bound_genotype_pickles_for_worker_processes(make):
     with torch.no_grad():
         torch.testing.assert_close(copy.decode(copy.module, genome)(inputs), genotype.decode(module, genome)(inputs))
     assert module._channel_graph is not None  # the original keeps its graph
+
+
+# ------------------------------------------------------------------- density-preserving mutation
+def test_swap_keeps_the_kept_count_exactly_while_flips_drift_towards_half(lenet):
+    genotype = bound(MaskGenotype(), lenet)
+    rng = np.random.default_rng(0)
+    start = genotype.initial(rng, "magnitude", density=0.2)
+    swapped, flipped = start, start
+    for _ in range(30):
+        child, changed = genotype.mutate(swapped, rng, 0.002, "swap")
+        assert np.count_nonzero(child) == np.count_nonzero(start)  # exactly, every mutation
+        assert changed == {n for n, p in genotype.layer_slices.items() if (child[p] != swapped[p]).any()}
+        # about rate * genes change (k ~ Binomial(n, rate / 2) swaps, two genes each)
+        assert abs(np.count_nonzero(child != swapped) - 532.4) < 5 * np.sqrt(266.2) * 2
+        swapped = child
+        flipped, _ = genotype.mutate(flipped, rng, 0.002, "flip")
+    # the flips of the first measurement: +0.8 * 0.002 - 0.2 * 0.002 of the genes per child
+    assert np.count_nonzero(flipped) - np.count_nonzero(start) > 0.5 * 30 * 0.002 * 0.6 * genotype.length
+
+
+def test_swap_prunes_small_and_revives_large_weights(lenet):
+    genotype = bound(MaskGenotype(), lenet)
+    rng = np.random.default_rng(1)
+    genome = genotype.initial(rng, density=0.5)
+    child, _ = genotype.mutate(genome, rng, 0.05, "swap")
+    magnitude = np.concatenate([lenet.model.get_parameter(n).detach().abs().flatten().numpy() for n in genotype.layer_slices])
+    pruned, revived = genome & ~child, ~genome & child
+    assert np.count_nonzero(pruned) == np.count_nonzero(revived) > 0.9 * 0.025 * genotype.length
+    assert magnitude[pruned].mean() < 0.8 * magnitude[genome].mean()
+    assert magnitude[revived].mean() > 1.2 * magnitude[~genome].mean()
+
+
+def test_shrink_prunes_the_stated_fraction_of_the_kept_weights_more_than_it_revives(lenet):
+    genotype = bound(MaskGenotype(shrink=0.05), lenet)
+    rng = np.random.default_rng(2)
+    genome = genotype.initial(rng, "magnitude", density=0.3)
+    for _ in range(5):
+        child, _ = genotype.mutate(genome, rng, 0.002, "shrink")
+        kept = np.count_nonzero(genome)
+        assert np.count_nonzero(child) == kept - round(0.05 * kept)
+        assert genotype.size(child) == genotype.size(genome) - round(0.05 * kept) + np.count_nonzero(
+            genome & ~genotype._nonzero) - np.count_nonzero(child & ~genotype._nonzero)
+        genome = child
+    # restricted to one layer: only that layer changes, by its own kept count
+    one = bound(MaskGenotype(shrink=0.05, layers_per_mutation=1), lenet)
+    seen = set()
+    for _ in range(12):
+        child, changed = one.mutate(genome, rng, 0.002, "shrink")
+        (layer,) = changed
+        seen.add(layer)
+        piece = one.layer_slices[layer]
+        outside = np.ones(one.length, dtype=bool)
+        outside[piece] = False
+        assert np.array_equal(child[outside], genome[outside])
+        assert np.count_nonzero(child[piece]) == np.count_nonzero(genome[piece]) - round(0.05 * np.count_nonzero(genome[piece]))
+    assert seen == set(one.layer_slices)
+    # "swap" on the same genotype ignores shrink; rate 0 changes nothing
+    assert np.count_nonzero(genotype.mutate(genome, rng, 0.01, "swap")[0]) == np.count_nonzero(genome)
+    unchanged, changed = genotype.mutate(genome, rng, 0.0, "swap")
+    assert np.array_equal(unchanged, genome) and changed == frozenset()
+    with pytest.raises(ValueError, match=r"shrink must be a number in \[0, 1\], got 1.5"):
+        MaskGenotype(shrink=1.5)
+
+
+@pytest.mark.parametrize("make", [RatioGenotype, WidthGenotype])
+def test_perturb_does_not_drift_away_from_the_bounds(make, lenet):
+    """Mean size change over 30 successive mutations from the middle (density 0.5) is zero within noise."""
+    genotype = bound(make(), lenet)
+    rng = np.random.default_rng(3)
+    start = genotype.magnitude(0.5)
+    changes = []
+    for _ in range(100):
+        genome = start
+        for _ in range(30):
+            genome, _ = genotype.mutate(genome, rng, 0.02, "perturb")
+        changes.append(genotype.size(genome) - genotype.size(start))
+    changes = np.array(changes)
+    assert abs(changes.mean()) < 3 * changes.std() / np.sqrt(len(changes))
+    assert changes.std() > 0.01 * genotype.original_size()  # it did move

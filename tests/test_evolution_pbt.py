@@ -156,7 +156,10 @@ def test_masks_only_shrink_and_match_the_state_genomes(two_cycles):
         assert before.keys() == after.keys() and len(after) == 3  # the three weight layers
         for name in after:
             assert not (after[name] & ~before[name]).any()  # nothing revived
-        assert sum(int((before[n] & ~after[n]).sum()) for n in after) > 0  # the second cycle pruned more
+        if parent != member:
+            # the exploited member explored: its mask is a strictly smaller copy of the winner's. (A member
+            # already at the objective's sparsity may keep its mask: the GA's magnitude seed reproduces it.)
+            assert sum(int((before[n] & ~after[n]).sum()) for n in after) > 0
         # within the explored genome the first cycle handed on (for the exploited member: a mutated copy)
         explored = genotype.masks(records[0]["state"]["members"][member]["genome"].numpy())
         for name, mask in explored.items():

@@ -13,9 +13,11 @@ import torch
 from growprune.evolution.objectives import AccuracyAtSparsity, ParetoFront, SmallestAboveFloor
 from growprune.evolution.search import (
     GeneticSearch,
+    LADDER_RANGE,
     MagnitudeSearch,
     RandomSearch,
     SimulatedAnnealing,
+    density_for_sparsity,
     tournament,
 )
 from tests.test_evolution_loop import FakeGenotype, fake_accuracy
@@ -220,7 +222,7 @@ def test_magnitude_search_bisects_to_the_smallest_density_above_the_floor():
     (lambda: GeneticSearch(crossover_rate=1.5), r"crossover_rate must be a number in \[0.0, 1.0\], got 1.5"),
     (lambda: GeneticSearch(mutation_rate=-0.1), r"mutation_rate must be a number in \[0.0, 1.0\], got -0.1"),
     (lambda: GeneticSearch(crossover="onepoint"), "crossover must be one of .*, got 'onepoint'"),
-    (lambda: GeneticSearch(mutation="swap"), "mutation must be one of .*, got 'swap'"),
+    (lambda: GeneticSearch(mutation="exchange"), "mutation must be one of .*, got 'exchange'"),
     (lambda: GeneticSearch(initial="sobol"), "initial must be one of .*, got 'sobol'"),
     (lambda: GeneticSearch(population=0), "population must be an integer >= 1, got 0"),
     (lambda: RandomSearch(initial="normal"), "initial must be one of"),
@@ -266,3 +268,111 @@ def _started_random():
     search = RandomSearch(population=4)
     search.start(GENOTYPE, AccuracyAtSparsity(0.5), np.random.default_rng(0))
     return search
+
+
+# ------------------------------------------------------------------------ magnitude seeds, elitism
+def test_magnitude_seeds_open_generation_0():
+    ga = GeneticSearch(population=8, mutation_rate=0.05)
+    ga.start(GENOTYPE, AccuracyAtSparsity(0.5), np.random.default_rng(0))
+    first = ga.ask()
+    # the target: kept + 10 <= 29 of 58 parameters -> 19 most important genes (as MagnitudeSearch finds)
+    assert np.array_equal(first[0].genome, GENOTYPE.magnitude(19 / 48)) and "seed_density" in first[0].extra
+    assert density_for_sparsity(GENOTYPE, 0.5) == pytest.approx(first[0].extra["seed_density"])
+    assert all("seed_density" not in ind.extra for ind in first[1:])
+    assert len({ind.key for ind in first}) == 8  # the others are biased random genomes
+    floor = GeneticSearch(population=7, mutation_rate=0.05)
+    floor.start(GENOTYPE, SmallestAboveFloor(0.7), np.random.default_rng(0))
+    seeds = [ind for ind in floor.ask() if "seed_density" in ind.extra]
+    low, high = LADDER_RANGE
+    ladder = [low * (high / low) ** (i / 3) for i in range(4)]  # ceil(7 / 2) densities, geometric
+    assert [ind.extra["seed_density"] for ind in seeds] == pytest.approx(ladder)
+    assert all(np.array_equal(ind.genome, GENOTYPE.magnitude(d)) for ind, d in zip(seeds, ladder))
+    one = GeneticSearch(population=5, initial_density=0.3)
+    one.start(GENOTYPE, ParetoFront(), np.random.default_rng(0))
+    assert [ind.extra.get("seed_density") for ind in one.ask()] == [0.3, None, None, None, None]
+    unbiased = GeneticSearch(population=5, initial="uniform")
+    unbiased.start(GENOTYPE, AccuracyAtSparsity(0.5), np.random.default_rng(0))
+    assert all("seed_density" not in ind.extra for ind in unbiased.ask())
+    with pytest.raises(ValueError, match="GeneticSearch: even density 0 leaves sparsity below 0.9"):
+        GeneticSearch(population=4).start(GENOTYPE, AccuracyAtSparsity(0.9), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("objective", [AccuracyAtSparsity(0.5), SmallestAboveFloor(0.7)], ids=["sparsity", "floor"])
+@pytest.mark.parametrize("elite", [0, 1])
+def test_the_ga_never_falls_below_its_best_magnitude_seed(objective, elite):
+    for seed in range(3):
+        search = GeneticSearch(population=6, elite=elite, tournament=2, mutation_rate=0.15)
+        search.start(GENOTYPE, objective, np.random.default_rng(seed))
+        first = search.ask()
+        score(first, objective)
+        seeded = max(ind.fitness[0] for ind in first if "seed_density" in ind.extra)
+        search.tell(first)
+        for _ in range(8):
+            assert search.best().fitness[0] >= seeded
+            generation = search.ask()
+            score(generation, objective)
+            if elite:  # the carried elite: the generation itself never falls below the seed
+                assert max(ind.fitness[0] for ind in generation) >= seeded
+            search.tell(generation)
+        assert search.best().fitness[0] >= seeded
+
+
+@pytest.fixture(scope="module")
+def masks():
+    from growprune.evolution.genotypes import MaskGenotype
+    from tests.test_evolution_genotypes import make_module
+
+    genotype = MaskGenotype(shrink=0.05)
+    genotype.bind(make_module("lenet_300_100"))
+    return genotype
+
+
+def mask_drive(search, genotype, objective, generations, seed=0, state=None):
+    """Like drive() on a real MaskGenotype; accuracy = the kept share of the total |w| (a closed-form stand-in)."""
+    magnitude = genotype._magnitudes
+    if state is None:
+        search.start(genotype, objective, np.random.default_rng(seed))
+    history = []
+    for _ in range(generations):
+        individuals = search.ask()
+        for ind in individuals:
+            if ind.fitness is None:
+                ind.accuracy = float(magnitude[ind.genome].sum() / magnitude.sum())
+                ind.size = genotype.size(ind.genome)
+                ind.fitness = objective.fitness(ind.accuracy, ind.size, genotype.original_size())
+        history.append([(ind.genome.copy(), ind.fitness) for ind in individuals])
+        search.tell(individuals)
+    return history
+
+
+def test_a_shrinking_ga_finds_smaller_masks_than_its_seeds_and_resumes_exactly(masks):
+    objective = SmallestAboveFloor(0.6)
+
+    def make():
+        return GeneticSearch(population=6, elite=2, tournament=2, mutation="shrink", mutation_rate=0.002)
+
+    search = make()
+    history = mask_drive(search, masks, objective, 6, seed=5)
+    feasible_seeds = [masks.size(g) for g, f in history[0][:3] if f[0] >= 0]  # seeds: the first ceil(6 / 2)
+    assert feasible_seeds and search.best().fitness[0] >= 0
+    assert search.best().size < min(feasible_seeds) * 0.97  # shrinks below the smallest feasible seed
+    same(history, mask_drive(make(), masks, objective, 6, seed=5))
+    first = make()
+    head = mask_drive(first, masks, objective, 3, seed=5)
+    resumed = make()
+    resumed.start(masks, objective, np.random.default_rng(999))  # any generator: the state restores it
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    same(head + mask_drive(resumed, masks, objective, 3, state=True), history)
+
+
+def test_a_swapping_ga_keeps_the_seed_size_through_mutation(masks):
+    objective = AccuracyAtSparsity(0.8)
+    search = GeneticSearch(population=6, elite=1, tournament=2, crossover_rate=0.0, mutation="swap",
+                           mutation_rate=0.002)
+    history = mask_drive(search, masks, objective, 4, seed=1)
+    seed_kept = int(history[0][0][0].sum())
+    assert seed_kept == int(masks.magnitude(density_for_sparsity(masks, 0.8)).sum())
+    sizes = {int(genome.sum()) for generation in history[1:] for genome, _ in generation}
+    # without crossover every later genome descends from generation 0 by swaps: sizes of generation 0 only
+    assert sizes <= {int(genome.sum()) for genome, _ in history[0]}
+    assert search.best().fitness[0] >= history[0][0][1][0]

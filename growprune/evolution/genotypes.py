@@ -362,21 +362,44 @@ class MaskGenotype(_WeightLayers):
     pruned one with ``2 * rate * q`` (clipped to 1): small weights are pruned, large ones revived,
     more often, and about ``rate`` of the genes flip on average, as with ``"flip"``.
 
+    ``"flip"`` and ``"magnitude"`` change the density: at density ``d`` a child gains about
+    ``rate * n * (1 - 2d)`` kept weights (``n`` genes), so repeated mutation drifts towards 0.5.
+    The density-preserving kinds (``n`` here: the genes of the layers the mutation may touch,
+    ``K`` of them kept):
+
+    * ``"swap"``: draws ``k ~ Binomial(n, rate / 2)`` (so about ``rate * n`` genes change, as
+      with ``"flip"``), capped at the kept and at the pruned genes; prunes ``k`` kept genes and
+      revives ``k`` pruned ones. The kept count is unchanged, exactly. Magnitude-biased like
+      ``"magnitude"``: kept genes are drawn (without replacement) with weight ``1 - q``, pruned
+      genes with weight ``q`` (a tiny floor so every gene can be drawn), so small weights are
+      pruned and large ones revived more often. A revived gene was pruned before the mutation.
+    * ``"shrink"``: ``"swap"`` plus ``round(shrink * K)`` extra prunes (drawn with the same
+      weights, together with the ``k``): the child keeps exactly ``round(shrink * K)`` fewer
+      weights than its parent (e.g. 1 % fewer at ``shrink=0.01``): a search for the smallest
+      network above an accuracy floor moves towards smaller networks instead of drifting.
+
     Args:
         layers, skip, skip_first_and_last: the layers to mask (see above).
         sharpness: slope of the keep probability in the rank for magnitude-biased initial genomes.
+        shrink: fraction of the kept genes (of the layers a mutation may touch) that a ``"shrink"``
+            mutation prunes on top of its swaps, in [0, 1].
         layers_per_mutation: see :class:`Genotype`.
     """
 
-    mutation_kinds = ("flip", "magnitude")
+    mutation_kinds = ("flip", "magnitude", "swap", "shrink")
+    #: the weight floor of the swap draws (so even the largest weight may be pruned)
+    SWAP_FLOOR = 1e-6
     dtype_kind, dtype_name = "b", "bool"
 
     def __init__(self, layers: Sequence[str] | None = None, skip: Sequence[str] = (), skip_first_and_last: bool = False,
-                 sharpness: float = 10.0, layers_per_mutation: int | None = None):
+                 sharpness: float = 10.0, shrink: float = 0.01, layers_per_mutation: int | None = None):
         super().__init__(layers, skip, skip_first_and_last, layers_per_mutation)
         if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) or not sharpness > 0:
             raise ValueError(f"sharpness must be a number > 0, got {sharpness!r}")
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0.0 <= shrink <= 1.0:
+            raise ValueError(f"shrink must be a number in [0, 1], got {shrink!r}")
         self.sharpness = float(sharpness)
+        self.shrink = float(shrink)
 
     def bind(self, module: Any) -> None:
         _, problems = self._select(module)
@@ -441,13 +464,17 @@ class MaskGenotype(_WeightLayers):
 
     def mutate(self, genome: np.ndarray, rng: np.random.Generator, rate: float,
                kind: str = "flip") -> tuple[np.ndarray, frozenset[str]]:
-        """``"flip"``: each gene flips with probability ``rate``; ``"magnitude"``: see the class docstring.
-        With ``layers_per_mutation`` only genes of that many random layers may flip."""
+        """``"flip"``: each gene flips with probability ``rate``; ``"magnitude"``, ``"swap"``,
+        ``"shrink"``: see the class docstring. With ``layers_per_mutation`` only genes of that many
+        random layers may change."""
         self.check(genome)
         _check_rate(rate)
         if kind not in self.mutation_kinds:
             raise ValueError(f"{self.name}: mutation kind must be one of {self.mutation_kinds}, got {kind!r}")
         allowed = self._mutation_layers(rng)
+        if kind in ("swap", "shrink"):
+            child = self._swap(genome, rng, rate, self.shrink if kind == "shrink" else 0.0, allowed)
+            return child, self._changed_layers(genome, child)
         draws = rng.random(self._length)
         if kind == "flip":
             flips = draws < rate
@@ -458,6 +485,31 @@ class MaskGenotype(_WeightLayers):
             flips &= allowed
         child = genome ^ flips
         return child, self._changed_layers(genome, child)
+
+    def _swap(self, genome: np.ndarray, rng: np.random.Generator, rate: float, shrink: float,
+              allowed: np.ndarray | None) -> np.ndarray:
+        """Prune ``k + round(shrink * kept)`` kept genes and revive ``k`` pruned ones of the allowed
+        layers, magnitude-biased (see the class docstring)."""
+        kept = np.flatnonzero(genome if allowed is None else genome & allowed)
+        pruned = np.flatnonzero(~genome if allowed is None else ~genome & allowed)
+        genes = kept.size + pruned.size
+        extra = int(round(shrink * kept.size))
+        swaps = min(int(rng.binomial(genes, rate / 2)), kept.size - extra, pruned.size)
+        child = genome.copy()
+        child[self._weighted_draw(kept, 1.0 - self._rank[kept], swaps + extra, rng)] = False
+        child[self._weighted_draw(pruned, self._rank[pruned], swaps, rng)] = True
+        return child
+
+    def _weighted_draw(self, genes: np.ndarray, weights: np.ndarray, count: int,
+                       rng: np.random.Generator) -> np.ndarray:
+        """``count`` of ``genes`` drawn without replacement with probability proportional to
+        ``weights`` (Efraimidis-Spirakis: the ``count`` largest keys ``log(u) / w``; one pass)."""
+        keys = np.log1p(-rng.random(genes.size)) / np.maximum(weights, self.SWAP_FLOOR)  # log(u), u in (0, 1]
+        if count <= 0:
+            return genes[:0]
+        if count >= genes.size:
+            return genes
+        return genes[np.argpartition(-keys, count - 1)[:count]]
 
     def masks(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         self.check(genome)
@@ -506,7 +558,11 @@ class RatioGenotype(_WeightLayers):
     density and perturbs every gene by N(0, 0.05) (so a population at one density still varies).
     ``mutate(kind="perturb")``: each gene (of the layers ``layers_per_mutation`` allows) is
     perturbed with probability ``gene_probability`` (at least one gene always is) by a gaussian
-    step of standard deviation ``rate``, clipped to ``[0, max_ratio]``.
+    step of standard deviation ``rate``, clipped to ``[0, max_ratio]``. The step has mean zero, so
+    the sparsity does not drift in the interior; within a few ``rate`` of a bound the clipping
+    pushes genes inwards on average (measured on LeNet-300-100, rate 0.05, 30 mutations: density
+    0.5 -0.4 +- 1.3 % of the parameters, 0.2 +2.7 +- 1.0 %, 0.05 +10 %, 0.9 -7 %), as any walk that
+    may leave a bound does; use a smaller ``rate`` for genomes close to a bound.
     """
 
     mutation_kinds = ("perturb",)
@@ -634,7 +690,9 @@ class WidthGenotype(Genotype):
     ``mutate(kind="perturb")``: each gene (of the layers ``layers_per_mutation`` allows) is
     perturbed with probability ``gene_probability`` (at least one always is) by
     ``round(N(0, rate * C))`` channels (at least one step ``t``, random sign), snapped to the
-    valid values.
+    valid values. Symmetric, so no drift in the interior; near a bound the clipping pushes
+    widths inwards on average (LeNet-300-100, rate 0.05, 30 mutations: density 0.5 -0.7 +- 1.4 %
+    of the parameters, 0.2 +2.8 +- 1.1 %, 0.9 -8 %).
 
     Args:
         skip: layer names whose output channels stay (``ChannelGraph.groups(skip)``).

@@ -42,7 +42,10 @@ if TYPE_CHECKING:
     from growprune.evolution.objectives import Objective
 
 CROSSOVER_KINDS = ("uniform", "layer")
-MUTATION_KINDS = ("flip", "magnitude", "perturb")  # masks: flip / magnitude; widths and ratios: perturb
+MUTATION_KINDS = ("flip", "magnitude", "swap", "shrink", "perturb")  # masks: flip / magnitude / swap / shrink;
+# widths and ratios: perturb
+#: densities of the magnitude ladder seeding a GA's generation 0 (floor / Pareto objectives): geometric in this range
+LADDER_RANGE = (0.05, 0.95)
 INITIAL_KINDS = ("uniform", "magnitude")
 
 
@@ -117,6 +120,38 @@ def tournament(ranks: np.ndarray, k: int, size: int, rng: np.random.Generator) -
     with python_random_from(rng):
         chosen = tools.selTournament(wrapped, k, size)
     return [member.index for member in chosen]
+
+
+def density_for_sparsity(genotype: "Genotype", sparsity: float, measure: str = "params") -> float:
+    """The largest density whose magnitude-pruned genome (``genotype.magnitude``) has
+    ``1 - size / original >= sparsity`` (bisection on the genotype's closed-form size; no evaluation).
+
+    Raises:
+        ValueError: even density 0 does not reach ``sparsity`` (the unmasked parameters are too many).
+    """
+    original = genotype.original_size(measure)
+
+    def reaches(density: float) -> bool:
+        return 1.0 - genotype.size(genotype.magnitude(density), measure) / original >= sparsity
+
+    low, high = 0.0, 1.0
+    if reaches(high):
+        return high
+    if not reaches(low):
+        raise ValueError(f"even density 0 leaves sparsity below {sparsity} (the unmasked layers are too large); "
+                         f"lower the target")
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if reaches(middle) else (low, middle)
+    return low
+
+
+def magnitude_ladder(count: int) -> list[float]:
+    """``count`` densities spaced geometrically over :data:`LADDER_RANGE` (smallest first)."""
+    low, high = LADDER_RANGE
+    if count == 1:
+        return [math.sqrt(low * high)]
+    return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
 
 
 # --- base ----------------------------------------------------------------------------------------
@@ -335,10 +370,24 @@ class GeneticSearch(Search):
         tournament: aspirants per tournament, in 1..population.
         crossover: ``"uniform"`` (gene-wise) or ``"layer"`` (whole layers).
         crossover_rate: probability that a pair is crossed over, in [0, 1].
-        mutation: ``"flip"`` / ``"magnitude"`` (masks) or ``"perturb"`` (widths, ratios).
+        mutation: ``"flip"`` / ``"magnitude"`` / ``"swap"`` / ``"shrink"`` (masks) or ``"perturb"``
+            (widths, ratios); ``"swap"`` keeps a child's size, ``"shrink"`` makes it smaller (see
+            :class:`~growprune.evolution.genotypes.MaskGenotype`).
         mutation_rate: the genotype's mutation rate, in [0, 1].
-        initial: initial population ``"uniform"`` or ``"magnitude"`` (magnitude-biased).
-        initial_density: density of the initial genomes (``None``: drawn per individual).
+        initial: initial population ``"uniform"`` (unbiased random genomes) or ``"magnitude"``:
+            generation 0 starts with magnitude-pruned genomes (``genotype.magnitude``, the
+            magnitude baseline, deterministic) and is filled with magnitude-biased random genomes
+            (``genotype.initial(kind="magnitude")``) around them. The seeds:
+            :class:`~growprune.evolution.objectives.AccuracyAtSparsity`: one, at the largest
+            density reaching the target sparsity (:func:`density_for_sparsity`; the biased random
+            genomes at ``initial_density``, or at that density when ``None``); other objectives:
+            ``initial_density`` (one seed) when given, else a ladder of ``ceil(population / 2)``
+            densities spaced geometrically over [0.05, 0.95] (:func:`magnitude_ladder`), the
+            ``i``-th biased random genome at the ``i % len(ladder)``-th ladder density. With
+            ``elite >= 1`` a scalar objective's best individual of a generation is carried, so the
+            GA never ends below its best seed (the magnitude baseline at that density).
+        initial_density: density of the initial genomes (``None``: drawn per individual for
+            ``"uniform"``; see ``initial`` for ``"magnitude"``).
 
     Raises:
         ValueError: an argument out of range or an unknown kind (at construction).
@@ -374,9 +423,37 @@ class GeneticSearch(Search):
     def _reset(self) -> None:
         self._parents = None
 
+    def seed_densities(self) -> tuple[list[float], list[float | None]]:
+        """The densities of generation 0's magnitude seeds and of its random genomes (``None``:
+        drawn per genome); see ``initial`` in the class docstring."""
+        self._require_started()
+        random_count = self.population
+        if self.initial == "uniform":
+            return [], [self.initial_density] * random_count
+        objective = self._objective
+        if isinstance(objective, AccuracyAtSparsity):
+            try:
+                seeds = [density_for_sparsity(self._genotype, objective.sparsity, objective.measure)]
+            except ValueError as error:
+                raise ValueError(f"{self.name}: {error}") from error
+            around = [self.initial_density if self.initial_density is not None else seeds[0]]
+        elif self.initial_density is not None:
+            seeds = around = [self.initial_density]
+        else:
+            seeds = around = magnitude_ladder(math.ceil(self.population / 2))
+        seeds = seeds[: self.population]
+        random_count -= len(seeds)
+        return seeds, [around[i % len(around)] for i in range(random_count)]
+
     def _first_generation(self) -> list[Individual]:
-        return [self._new(self._genotype.initial(self._rng, self.initial, self.initial_density))
-                for _ in range(self.population)]
+        seeds, randoms = self.seed_densities()
+        individuals = []
+        for density in seeds:
+            individual = self._new(self._genotype.magnitude(density))
+            individual.extra["seed_density"] = float(density)  # a magnitude seed (for logs and tests)
+            individuals.append(individual)
+        return individuals + [self._new(self._genotype.initial(self._rng, self.initial, density))
+                              for density in randoms]
 
     def _next_generation(self, told: list[Individual]) -> list[Individual]:
         objective = self._objective
@@ -563,23 +640,11 @@ class MagnitudeSearch(Search):
 
     def density_for_sparsity(self, sparsity: float) -> float:
         """The largest density whose magnitude-pruned genome has ``1 - size / original >= sparsity``
-        (bisection on the genotype's size; no evaluation)."""
-        genotype, measure = self._genotype, self._objective.measure
-        original = genotype.original_size(measure)
-
-        def reaches(density: float) -> bool:
-            return 1.0 - genotype.size(genotype.magnitude(density), measure) / original >= sparsity
-
-        low, high = 0.0, 1.0
-        if reaches(high):
-            return high
-        if not reaches(low):
-            raise ValueError(f"{self.name}: even density 0 leaves sparsity below {sparsity} (the unmasked layers "
-                             f"are too large); lower the target")
-        for _ in range(50):
-            middle = (low + high) / 2
-            low, high = (middle, high) if reaches(middle) else (low, middle)
-        return low
+        (:func:`density_for_sparsity` on the objective's measure; no evaluation)."""
+        try:
+            return density_for_sparsity(self._genotype, sparsity, self._objective.measure)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from error
 
     def _grid(self) -> list[float]:
         if self._mode == "floor":
