@@ -28,6 +28,15 @@ genomes from the same magnitude-biased initialiser (``initial="magnitude"``; den
 sparsity objective, drawn per individual in U(0.05, 0.95) for the floor), so "GA vs random" is
 evolution vs sampling the initialiser.
 
+GA variation (``--ga-mutation``, recorded in the ``ga_mutation`` column): ``"v2"`` (default) is
+the density-preserving mutation: ``"swap"`` for the sparsity target (a child keeps its parent's
+kept count), ``"shrink"`` for the floor (a child keeps ``--shrink`` = 2 % fewer weights than its
+parent, ``MaskGenotype(shrink=0.02)``), both at the same rate (about 530 changed genes per child);
+``"magnitude"`` is the first measurement's density-drifting flips. The GA's generation 0 holds the
+magnitude seeds of ``GeneticSearch(initial="magnitude")`` (the magnitude solution at the target
+sparsity; a ladder of 8 densities for the floor) unless ``--ga-no-seed`` (the ``ga_seeded`` column)
+draws it like the first measurement (biased random only, as random search and annealing do).
+
 Rows are appended to ``benchmarks/results/evolution_baselines.csv`` (``--out`` for another file); a
 file holding rows of other settings (population, generations, retraining, pretraining, data, threads,
 torch) is refused before anything is trained.
@@ -65,6 +74,9 @@ SPARSITY = 0.8
 FLOOR_BELOW = 0.01  # the floor: this far below the unpruned selection accuracy
 RETRAIN = {"steps": 20, "lr": 0.05}
 MUTATION_RATE = 0.002  # of 266,200 genes: about 530 flips per child
+SHRINK = 0.02  # the floor's "shrink" mutation: each child keeps 2 % fewer weights than its parent
+GA_MUTATIONS = {"v2": {"sparsity": "swap", "floor": "shrink"},
+                "magnitude": {"sparsity": "magnitude", "floor": "magnitude"}}
 METHODS = ("ga", "random", "annealing", "magnitude")
 
 
@@ -94,12 +106,22 @@ def pretrain(train: tuple[torch.Tensor, torch.Tensor]) -> GrowPruneModule:
     return module
 
 
-def make_search(method: str, objective: str, population: int, generations: int) -> Search:
+class UnseededGeneticSearch(GeneticSearch):
+    """Ablation (``--ga-no-seed``): generation 0 without the magnitude seeds, all magnitude-biased
+    random genomes at ``initial_density`` (drawn per genome when ``None``), as in the first measurement."""
+
+    def seed_densities(self) -> tuple[list[float], list[float | None]]:
+        return [], [self.initial_density] * self.population
+
+
+def make_search(method: str, objective: str, population: int, generations: int, ga_mutation: str = "v2",
+                ga_seeded: bool = True) -> Search:
     density = 1.0 - SPARSITY if objective == "sparsity" else None
     if method == "ga":
-        return GeneticSearch(population=population, elite=2, tournament=3, crossover="uniform", crossover_rate=0.9,
-                             mutation="magnitude", mutation_rate=MUTATION_RATE, initial="magnitude",
-                             initial_density=density)
+        kind = GeneticSearch if ga_seeded else UnseededGeneticSearch
+        return kind(population=population, elite=2, tournament=3, crossover="uniform", crossover_rate=0.9,
+                    mutation=GA_MUTATIONS[ga_mutation][objective], mutation_rate=MUTATION_RATE, initial="magnitude",
+                    initial_density=density)
     if method == "random":
         return RandomSearch(population=population, initial="magnitude", initial_density=density)
     if method == "annealing":
@@ -128,12 +150,13 @@ def test_accuracy(module: GrowPruneModule, genotype: MaskGenotype, genome: np.nd
 
 
 def run_one(module: GrowPruneModule, genotype: MaskGenotype, data: dict, method: str, objective_name: str,
-            objective: Objective, retrain: int, seed: int, population: int, generations: int) -> dict[str, Any]:
+            objective: Objective, retrain: int, seed: int, population: int, generations: int, ga_mutation: str = "v2",
+            ga_seeded: bool = True) -> dict[str, Any]:
     retrain_data = (images_per_class(*data["train"], retrain, torch.Generator().manual_seed(seed))
                     if retrain else None)
     evaluator = make_evaluator(retrain)
     evaluator.bind(module.model, *data["selection"], *(retrain_data or ()))
-    search = make_search(method, objective_name, population, generations)
+    search = make_search(method, objective_name, population, generations, ga_mutation, ga_seeded)
     search.start(genotype, objective, np.random.default_rng(seed))
     records_: list = []
     started = time.perf_counter()
@@ -194,6 +217,10 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["sparsity", "floor"], choices=["sparsity", "floor"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ga-mutation", choices=sorted(GA_MUTATIONS), default="v2",
+                        help="v2: swap (sparsity) / shrink (floor); magnitude: the first measurement's flips")
+    parser.add_argument("--ga-no-seed", action="store_true", help="GA generation 0 without the magnitude seeds")
+    parser.add_argument("--shrink", type=float, default=SHRINK, help="the floor's shrink fraction per child")
     parser.add_argument("--out", type=Path, default=records.results_path("evolution_baselines"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,14 +229,15 @@ def main() -> None:
         "population": args.population, "generations": args.generations, "sparsity_target": SPARSITY,
         "retrain_steps": RETRAIN["steps"], "retrain_lr": RETRAIN["lr"], "mutation_rate": MUTATION_RATE,
         "pretrain": records.format_params(PRETRAIN), "data": records.format_params(DATA),
-        "threads": info["threads"], "torch": info["torch"]})
+        "threads": info["threads"], "torch": info["torch"], "ga_mutation": args.ga_mutation,
+        "ga_seeded": int(not args.ga_no_seed), "shrink": args.shrink})
     started = time.perf_counter()
     data = load_data()
     module = pretrain(data["train"])
     unpruned = {split: evaluate(module.model, [data[split]]).accuracy for split in ("selection", "test")}
     print(f"unpruned LeNet-300-100: selection {unpruned['selection']:.4f}, test {unpruned['test']:.4f} "
           f"({time.perf_counter() - started:.0f} s incl. pretraining)", flush=True)
-    genotype = MaskGenotype()
+    genotype = MaskGenotype(shrink=args.shrink)  # shrink: only the GA's "shrink" mutation (floor) reads it
     genotype.bind(module)
     floor = round(unpruned["selection"] - FLOOR_BELOW, 4)
     objectives = {"sparsity": AccuracyAtSparsity(SPARSITY), "floor": SmallestAboveFloor(floor)}
@@ -217,7 +245,8 @@ def main() -> None:
                 "floor": floor, "retrain_steps": RETRAIN["steps"], "retrain_lr": RETRAIN["lr"],
                 "mutation_rate": MUTATION_RATE, "pretrain": records.format_params(PRETRAIN),
                 "data": records.format_params(DATA), "unpruned_selection_acc": round(unpruned["selection"], 5),
-                "unpruned_test_acc": round(unpruned["test"], 5), "unpruned_params": int(genotype.original_size())}
+                "unpruned_test_acc": round(unpruned["test"], 5), "unpruned_params": int(genotype.original_size()),
+                "ga_mutation": args.ga_mutation, "ga_seeded": int(not args.ga_no_seed), "shrink": args.shrink}
     appender = records.CsvAppender(args.out)
     rows = []
     for objective_name in args.objectives:
@@ -225,7 +254,7 @@ def main() -> None:
             for seed in args.seeds:
                 for method in args.methods:
                     row = run_one(module, genotype, data, method, objective_name, objectives[objective_name], retrain,
-                                  seed, args.population, args.generations)
+                                  seed, args.population, args.generations, args.ga_mutation, not args.ga_no_seed)
                     row = {**row, **settings, **info, "seconds": round(time.perf_counter() - started, 1)}
                     appender.append(row)
                     rows.append(row)
