@@ -381,3 +381,24 @@ def test_width_genomes_give_a_structurally_smaller_best_checkpoint(tmp_path, cap
     assert report["params/total"] == report["params/nonzero"] == best["params/nonzero"] == best["size"]
     assert report["params/total"] < report["params/original"]
     assert report["val/acc"] == pytest.approx(best["val/acc"], abs=1e-6)
+
+
+def test_ray_engine_gives_the_local_engines_run(tiny_run, tmp_path, monkeypatch, capsys):
+    """The issue's promise: Ray (a local session, ``ray.init(num_cpus=2)``) and the default local
+    engine give the same generations and the same best network for the same seed."""
+    pytest.importorskip("ray")
+    folder, _ = tiny_run
+    local = folder / "runs" / "evolve" / "tiny" / "version_0"
+    monkeypatch.chdir(tmp_path)
+    main(["evolve", "-c", _write(tmp_path), "--engine", "ray", "--engine_options", "{num_cpus: 2}"])
+    distributed = tmp_path / "runs" / "evolve" / "tiny" / "version_0"
+
+    def rows(run: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if k != "wall_seconds"}
+                for row in csv.DictReader((run / "generations.csv").open())]
+
+    assert rows(distributed) == rows(local)
+    ours, theirs = (json.loads((run / "summary.json").read_text()) for run in (distributed, local))
+    assert ours["engine"] == "ray" and theirs["engine"] == "local"
+    for key in ("best", "evaluations", "macs"):
+        assert ours[key] == theirs[key], key
