@@ -402,3 +402,13 @@ def test_ray_engine_gives_the_local_engines_run(tiny_run, tmp_path, monkeypatch,
     assert ours["engine"] == "ray" and theirs["engine"] == "local"
     for key in ("best", "evaluations", "macs"):
         assert ours[key] == theirs[key], key
+
+
+def test_summary_line_names_a_root_outside_the_working_directory_absolutely(tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    main(["evolve", "-c", _write(tmp_path), "--generations", "1", "--root", str(elsewhere)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"summary: {(elsewhere / 'tiny' / 'version_0' / 'summary.json').resolve()}"

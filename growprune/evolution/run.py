@@ -141,6 +141,15 @@ def load_lightning_checkpoint(module: GrowPruneModule, path: str | Path) -> None
         raise ConfigurationError(f"base.checkpoint: {path} does not fit the configured model: {first}") from error
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute (never ``../..``)."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(absolute)
+
+
 def _flatten(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in summary.items():
@@ -427,7 +436,7 @@ class EvolutionRun:
         finally:
             self.engine.close()
         wandb_run.finish(exit_code=0)
-        print(f"summary: {os.path.relpath(summary_path)}", flush=True)
+        print(f"summary: {_shown(summary_path)}", flush=True)
         return summary_path
 
     def _create_run_dir(self) -> None:
