@@ -123,6 +123,9 @@ def parse(argv: list[str]) -> tuple[ArgumentParser, Namespace]:
     for key, low in (("generations", 1), ("chunks", 1), ("base.epochs", 0), ("seed", 0)):
         if config[key] < low:
             raise ConfigurationError(f"{key}: must be an integer >= {low}, got {config[key]}")
+    name = str(config["name"])
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigurationError(f"name: must be a plain folder name (no '/', '..'), got {name!r}")
     images = config["retraining.images_per_class"]
     if images is not None and images < 1:
         raise ConfigurationError(f"retraining.images_per_class: must be >= 1 or null, got {images}")

@@ -326,7 +326,9 @@ def test_bounds_and_rounds():
     ({"confidence": 1.0}, "confidence must be in (0, 1), got 1.0"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ({"sparse_below": -0.1}, "sparse_below must be in [0, 1], got -0.1"),
-])
+    ({"device": "meta"}, "device must be cpu or cuda, got 'meta'"),
+    ({"device": "gpu0"}, "device: 'gpu0' is not a torch device"),
+] + ([({"device": "cuda"}, "CUDA is not available on this machine")] if not torch.cuda.is_available() else []))
 def test_bad_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError) as error:
         PopulationEvaluator(**arguments)

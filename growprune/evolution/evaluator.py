@@ -304,6 +304,15 @@ class PopulationEvaluator:
         _check_int("retrain_steps", retrain_steps, 0)
         if not retrain_lr > 0.0:
             raise ValueError(f"retrain_lr must be > 0, got {retrain_lr!r}")
+        try:
+            parsed_device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device: {device!r} is not a torch device ({error})") from error
+        if parsed_device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        if parsed_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch.cuda.is_available() "
+                             "is False): use device cpu")
         if retrain_steps > 0 and cache:
             raise ValueError(f"cache=True cannot be combined with retrain_steps={retrain_steps} (retraining changes "
                              "every layer, so no activation can be reused): pass cache=False")
@@ -312,7 +321,7 @@ class PopulationEvaluator:
         self.samples = samples
         self.cache = bool(cache)
         self.sparse_below = float(sparse_below)
-        self.device = torch.device(device)
+        self.device = parsed_device
         self.confidence = float(confidence)
         self.first_fraction = float(first_fraction)
         self.threads = threads

@@ -77,11 +77,14 @@ def next_version_dir(folder: Path) -> Path:
             continue
 
 
-def latest_version_dir(folder: Path) -> Path | None:
-    """The ``version_<n>`` folder with the highest n in ``folder``, or ``None``."""
+def latest_version_dir(folder: Path, containing: str | None = None) -> Path | None:
+    """The ``version_<n>`` folder with the highest n in ``folder`` (among those holding the file
+    ``containing``, when given), or ``None``."""
     if not folder.is_dir():
         return None
-    versions = {int(match.group(1)): path for path in folder.iterdir() if (match := re.fullmatch(r"version_(\d+)", path.name))}
+    versions = {int(match.group(1)): path for path in folder.iterdir()
+                if (match := re.fullmatch(r"version_(\d+)", path.name))
+                and (containing is None or (path / containing).is_file())}
     return versions[max(versions)] if versions else None
 
 
@@ -374,7 +377,10 @@ class EvolutionRun:
     @staticmethod
     def _find_resumed(config: Namespace, config_text: str, resume: str) -> tuple[Path, dict[str, Any] | None]:
         if resume == "latest":
-            run_dir = latest_version_dir(Path(config.root) / config.name)
+            # the newest run that got as far as its config (a run refused after its base network was
+            # trained leaves a version folder with base.ckpt only: nothing to continue there)
+            folder = Path(config.root) / config.name
+            run_dir = latest_version_dir(folder, containing="config.yaml") or latest_version_dir(folder)
             if run_dir is None:
                 raise ConfigurationError(f"resume: no run named {config.name!r} in {config.root} to resume")
         else:
@@ -390,9 +396,13 @@ class EvolutionRun:
         if changed:
             raise ConfigurationError(
                 f"resume: the config differs from the one {run_dir} ran with in {', '.join(changed)} "
-                f"(only {', '.join(RESUMABLE_KEYS[:4])} may change)")
+                f"(only engine, engine_options, wandb, root and generations may change)")
         state_path = run_dir / STATE_FILE
         state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
+        done = state.get("generation") if state is not None and config.pbt is None else None
+        if done is not None and int(done) > config.generations:
+            raise ConfigurationError(f"generations: {run_dir} already completed {int(done)} generations; pass "
+                                     f"--generations {int(done)} or more to resume it (got {config.generations})")
         return run_dir, state
 
     @staticmethod
