@@ -215,6 +215,18 @@ class Genotype(ABC):
             allowed[self._slices[self._layer_names[index]]] = True
         return allowed
 
+    def _genes_to_perturb(self, rng: np.random.Generator, probability: float) -> np.ndarray:
+        """Boolean gene mask of a ``perturb`` mutation: each gene of the layers the mutation may touch
+        with ``probability``, and at least one of them."""
+        allowed = self._mutation_layers(rng)
+        chosen = rng.random(self._length) < probability
+        pool = np.arange(self._length) if allowed is None else np.flatnonzero(allowed)
+        if allowed is not None:
+            chosen &= allowed
+        if not chosen.any():
+            chosen[rng.choice(pool)] = True
+        return chosen
+
     def _changed_layers(self, parent: np.ndarray, child: np.ndarray) -> frozenset[str]:
         differs = parent != child
         if not differs.any():
@@ -627,13 +639,7 @@ class RatioGenotype(_WeightLayers):
         _check_rate(rate)
         if kind not in self.mutation_kinds:
             raise ValueError(f"{self.name}: mutation kind must be one of {self.mutation_kinds}, got {kind!r}")
-        allowed = self._mutation_layers(rng)
-        chosen = rng.random(self._length) < self.gene_probability
-        pool = np.arange(self._length) if allowed is None else np.flatnonzero(allowed)
-        if allowed is not None:
-            chosen &= allowed
-        if not chosen.any():
-            chosen[rng.choice(pool)] = True
+        chosen = self._genes_to_perturb(rng, self.gene_probability)
         child = genome.copy()
         child[chosen] = np.clip(genome[chosen] + rng.normal(0.0, rate, size=int(chosen.sum())), 0.0, self.max_ratio)
         return child, self._changed_layers(genome, child)
@@ -884,13 +890,7 @@ class WidthGenotype(Genotype):
         _check_rate(rate)
         if kind not in self.mutation_kinds:
             raise ValueError(f"{self.name}: mutation kind must be one of {self.mutation_kinds}, got {kind!r}")
-        allowed = self._mutation_layers(rng)
-        chosen = rng.random(self._length) < self.gene_probability
-        pool = np.arange(self._length) if allowed is None else np.flatnonzero(allowed)
-        if allowed is not None:
-            chosen &= allowed
-        if not chosen.any():
-            chosen[rng.choice(pool)] = True
+        chosen = self._genes_to_perturb(rng, self.gene_probability)
         steps = np.rint(rng.normal(0.0, rate, size=self._length) * self._channels / self._steps) * self._steps
         signs = np.where(rng.random(self._length) < 0.5, -1, 1)
         steps = np.where(steps == 0, signs * self._steps, steps)
