@@ -222,6 +222,14 @@ def main(args: list[str] | None = None) -> None:
         from growprune.cli_evolve import evolve_main
 
         return evolve_main(argv[1:])
+    if argv and argv[0] == "qd":
+        from growprune.cli_qd import qd_main
+
+        return qd_main(argv[1:])
+    if argv and argv[0] == "qd-analyze":
+        from growprune.cli_qd_analyze import analyze_main
+
+        return analyze_main(argv[1:])
     if argv and argv[0] in ("models", "datasets"):
         _print_listing(argv[0])
         return

@@ -99,7 +99,7 @@ def test_information_measures_reads_each_layer_after_its_activation():
     renamed = {key.replace("/0", "/fc1").replace("/1", "/fc2").replace("/2", "/out"): v for key, v in expected.items()}
     assert result == pytest.approx(renamed, abs=1e-12)
     assert set(result) == {"mi_label/fc1", "mi_label/fc2", "mi_label/out", "mi_next/fc1", "mi_next/fc2",
-                           "mi_label", "mi_consecutive"}
+                           "mi_label", "mi_consecutive", "mi_label_unit"}
     assert result["mi_label"] == pytest.approx((result["mi_label/fc1"] + result["mi_label/fc2"]) / 2)
     assert result["mi_consecutive"] == pytest.approx((result["mi_next/fc1"] + result["mi_next/fc2"]) / 2)
     assert result["mi_next/fc1"] == pytest.approx(mutual_information(h1.numpy(), h2.numpy(), bins=4))
@@ -126,3 +126,22 @@ def test_information_from_activations_with_one_layer_has_nan_aggregates():
     assert math.isnan(result["mi_label"]) and math.isnan(result["mi_consecutive"])
     with pytest.raises(ValueError, match="layer '1' has 5 samples but targets have 40"):
         information_from_activations([np.eye(4)[labels], np.zeros((5, 2))], labels)
+
+
+def test_unit_information_does_not_saturate_where_the_layer_joint_does():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=400)
+    informative = labels[:, None] + 0.01 * rng.standard_normal((400, 50))   # every unit carries the label
+    noise = rng.standard_normal((400, 50))                                    # no unit does
+    output = np.eye(4)[labels]
+    from growprune.information import unit_label_information
+    # the joint symbol of 50 noisy units is unique per sample: the layer-level estimate saturates at H(Y)
+    for hidden in (informative, noise):
+        values = information_from_activations([hidden, output], labels)
+        assert values["mi_label"] == pytest.approx(mutual_information(labels, labels), abs=1e-9)
+    assert information_from_activations([informative, output], labels)["mi_label_unit"] == pytest.approx(
+        mutual_information(labels, labels), abs=0.05)
+    assert information_from_activations([noise, output], labels)["mi_label_unit"] < 0.25
+    per_unit = unit_label_information(informative[:, :3], labels)
+    assert per_unit.shape == (3,) and all(v == pytest.approx(mutual_information(informative[:, i], labels))
+                                          for i, v in enumerate(per_unit))

@@ -121,7 +121,7 @@ def accuracy_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Ten
     return correct / len(targets)
 
 
-def _trainer(**kwargs: Any) -> pl.Trainer:
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0}
     options.update(kwargs)
@@ -144,7 +144,7 @@ def load_lightning_checkpoint(module: GrowPruneModule, path: str | Path) -> None
         raise ConfigurationError(f"base.checkpoint: {path} does not fit the configured model: {first}") from error
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """``path`` relative to the working directory when it lies below it, else absolute (never ``../..``)."""
     absolute = Path(path).resolve()
     try:
@@ -153,12 +153,12 @@ def _shown(path: Path) -> str:
         return str(absolute)
 
 
-def _flatten(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_summary(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in summary.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}/"))
+            flat.update(flatten_summary(value, f"{name}/"))
         else:
             flat[name] = value
     return flat
@@ -207,17 +207,17 @@ class GenerationLog:
         with self.path.open(newline="") as handle:
             return list(csv.DictReader(handle))
 
-    def truncate(self, generations: int) -> Path | None:
-        """Keep the rows of the first ``generations`` generations; the original file is kept aside
-        (``generations-before-resume.csv``, returned) when rows are dropped."""
+    def truncate(self, generations: int, key: str = "generation") -> Path | None:
+        """Keep the rows whose ``key`` column is below ``generations``; the original file is kept aside
+        (``<stem>-before-resume.csv``, e.g. ``generations-before-resume.csv``, returned) when rows are dropped."""
         rows = self.rows()
-        kept = [row for row in rows if int(row["generation"]) < generations]
+        kept = [row for row in rows if int(row[key]) < generations]
         if len(kept) == len(rows):
             return None
-        backup = self.path.with_name("generations-before-resume.csv")
+        backup = self.path.with_name(f"{self.path.stem}-before-resume.csv")
         index = 1
         while backup.exists():
-            backup, index = self.path.with_name(f"generations-before-resume-{index}.csv"), index + 1
+            backup, index = self.path.with_name(f"{self.path.stem}-before-resume-{index}.csv"), index + 1
         os.replace(self.path, backup)
         with self.path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.header or list(rows[0]))
@@ -446,7 +446,7 @@ class EvolutionRun:
         finally:
             self.engine.close()
         wandb_run.finish(exit_code=0)
-        print(f"summary: {_shown(summary_path)}", flush=True)
+        print(f"summary: {shown_path(summary_path)}", flush=True)
         return summary_path
 
     def _create_run_dir(self) -> None:
@@ -464,7 +464,7 @@ class EvolutionRun:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)  # dropout etc. during base training; restored after
                 # "warn": CUDA kernels without a deterministic version warn instead of failing (CPU runs are exact)
-                trainer = _trainer(max_epochs=self.config.base.epochs, accelerator="auto", deterministic="warn")
+                trainer = quiet_trainer(max_epochs=self.config.base.epochs, accelerator="auto", deterministic="warn")
                 trainer.fit(module, datamodule=self.objects.data)
                 save_checkpoint_atomically(trainer, path, weights_only=False)  # a fit checkpoint: optimizer state too
             module.cpu()
@@ -636,7 +636,7 @@ class EvolutionRun:
         objects, config = self.objects, self.config
         genotype, data = objects.genotype, objects.data
         decoded = decoded.cpu()
-        trainer = _trainer(accelerator="cpu")
+        trainer = quiet_trainer(accelerator="cpu")
         validation = trainer.validate(decoded, dataloaders=data.val_dataloader(), verbose=False)[0]
         data.setup("test")
         test = (trainer.test(decoded, dataloaders=data.test_dataloader(), verbose=False)[0]
@@ -680,7 +680,7 @@ class EvolutionRun:
                    GenerationLog(self.run_dir / CSV_FILE).rows(), genotype.original_size(measure), measure)
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        flat = _flatten(summary)
+        flat = flatten_summary(summary)
         wandb_run.summarise(flat)
         print(format_summary({key: value for key, value in flat.items() if not key.startswith("paths/")}, "evolve"), flush=True)
         return path
