@@ -71,6 +71,9 @@ class UnitGraph:
         layers: layer names, ``"input"`` first, then the weight layers in execution order.
         inputs: unit ids of the input layer.
         outputs: unit ids of the output layer (the units the model's output reads).
+        links: ``(producer layer, consumer layer)`` index pairs that the architecture wires together,
+            whatever the weights (so a fully pruned pair still counts, as an empty bipartite graph);
+            ``None``: only the pairs joined by an edge are known.
     """
 
     num_units: int
@@ -80,6 +83,7 @@ class UnitGraph:
     layers: list[str]
     inputs: np.ndarray
     outputs: np.ndarray
+    links: list[tuple[int, int]] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,9 +134,10 @@ class UnitGraph:
         return graph
 
     def layer_pairs(self) -> list[LayerPair]:
-        """Every (producer layer -> consumer layer) pair joined by at least one edge, as a bipartite
-        biadjacency matrix; sorted by consumer, then producer (a residual network also has pairs that
-        skip layers). Cached."""
+        """Every (producer layer -> consumer layer) pair the architecture wires (:attr:`links`; without
+        links: every pair joined by at least one edge), as a bipartite biadjacency matrix, empty when
+        pruning removed all its edges; sorted by consumer, then producer (a residual network also has
+        pairs that skip layers). Cached."""
         if "layer_pairs" in self._cache:
             return self._cache["layer_pairs"]
         members = [np.flatnonzero(self.layer_of == index) for index in range(len(self.layers))]
@@ -141,30 +146,35 @@ class UnitGraph:
         for units in members:
             position[units] = np.arange(len(units))
         pairs: list[LayerPair] = []
+        chosen_of: dict[int, np.ndarray] = {}
         if self.num_edges:
             key = self.layer_of[self.targets] * len(self.layers) + self.layer_of[self.sources]
             order = np.argsort(key, kind="stable")
             keys, starts = np.unique(key[order], return_index=True)
             ends = np.append(starts[1:], len(order))
-            for pair_key, start, end in zip(keys.tolist(), starts.tolist(), ends.tolist()):
-                consumer, producer = divmod(pair_key, len(self.layers))
-                chosen = order[start:end]
-                shape = (len(members[producer]), len(members[consumer]))
-                matrix = sp.csr_matrix((np.ones(len(chosen), dtype=bool),
-                                        (position[self.sources[chosen]], position[self.targets[chosen]])), shape=shape)
-                pairs.append(LayerPair(self.layers[producer], self.layers[consumer], members[producer],
-                                       members[consumer], matrix))
+            chosen_of = {k: order[a:b] for k, a, b in zip(keys.tolist(), starts.tolist(), ends.tolist())}
+        wired = set(chosen_of) if self.links is None else \
+            {consumer * len(self.layers) + producer for producer, consumer in self.links} | set(chosen_of)
+        for pair_key in sorted(wired):
+            consumer, producer = divmod(pair_key, len(self.layers))
+            chosen = chosen_of.get(pair_key, np.zeros(0, dtype=np.int64))
+            shape = (len(members[producer]), len(members[consumer]))
+            matrix = sp.csr_matrix((np.ones(len(chosen), dtype=bool),
+                                    (position[self.sources[chosen]], position[self.targets[chosen]])), shape=shape)
+            pairs.append(LayerPair(self.layers[producer], self.layers[consumer], members[producer],
+                                   members[consumer], matrix))
         self._cache["layer_pairs"] = pairs
         return pairs
 
 
 def _make_graph(layer_sizes: Sequence[int], names: Sequence[str], edges: Sequence[tuple[np.ndarray, np.ndarray]],
-                outputs: np.ndarray) -> UnitGraph:
+                outputs: np.ndarray, links: Sequence[tuple[int, int]]) -> UnitGraph:
     layer_of = np.repeat(np.arange(len(layer_sizes), dtype=np.int64), np.asarray(layer_sizes, dtype=np.int64))
     sources = np.concatenate([e[0] for e in edges]) if edges else np.zeros(0, dtype=np.int64)
     targets = np.concatenate([e[1] for e in edges]) if edges else np.zeros(0, dtype=np.int64)
     return UnitGraph(num_units=int(sum(layer_sizes)), sources=sources, targets=targets, layer_of=layer_of,
-                     layers=list(names), inputs=np.arange(layer_sizes[0], dtype=np.int64), outputs=outputs)
+                     layers=list(names), inputs=np.arange(layer_sizes[0], dtype=np.int64), outputs=outputs,
+                     links=sorted(set(links)))
 
 
 def unit_graph_from_weights(weights: Sequence[np.ndarray | torch.Tensor],
@@ -203,7 +213,7 @@ def unit_graph_from_weights(weights: Sequence[np.ndarray | torch.Tensor],
         rows, cols = np.nonzero(array)
         edges.append((cols.astype(np.int64) + offsets[index], rows.astype(np.int64) + offsets[index + 1]))
     outputs = np.arange(offsets[-2], offsets[-1], dtype=np.int64)
-    return _make_graph(sizes, ["input", *names], edges, outputs)
+    return _make_graph(sizes, ["input", *names], edges, outputs, [(k, k + 1) for k in range(len(arrays))])
 
 
 # ------------------------------------------------------------------------------ tracing a model
@@ -294,6 +304,7 @@ class _Tracer(torch.fx.Interpreter):
         self.sizes: list[int] = []
         self.names: list[str] = []
         self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.links: list[tuple[int, int]] = []  # (producer, consumer) layer indices, whatever the weights
         self.total = 0
         self.used_masks: set[str] = set()
 
@@ -499,6 +510,11 @@ class _Tracer(torch.fx.Interpreter):
         pattern = sp.csr_matrix((np.ones(len(out_idx), dtype=bool), (out_idx, in_idx)),
                                 shape=(out_units, rows.shape[0]))
         reached = _bool_product(pattern, rows).tocoo()
+        # the layers that feed this one through its input channels (a structural fact, kept even
+        # when every weight between them is pruned)
+        layer_starts = np.cumsum([0] + self.sizes)
+        feeding = np.unique(np.searchsorted(layer_starts, np.unique(rows.indices), side="right") - 1)
+        self.links += [(int(producer), len(self.sizes)) for producer in feeding]
         first = self.total
         self.edges.append((reached.col.astype(np.int64), reached.row.astype(np.int64) + first))
         self.sizes.append(out_units)
@@ -623,7 +639,7 @@ def unit_graph(model: nn.Module, example_inputs: torch.Tensor,
                 columns.append(item.matrix.indices)
     del output
     outputs = np.unique(np.concatenate(columns)).astype(np.int64) if columns else np.zeros(0, dtype=np.int64)
-    return _make_graph(interpreter.sizes, interpreter.names, interpreter.edges, outputs)
+    return _make_graph(interpreter.sizes, interpreter.names, interpreter.edges, outputs, interpreter.links)
 
 
 # ---------------------------------------------------------------------------------------- measures
@@ -941,8 +957,9 @@ def _side_clustering(biadjacency: np.ndarray, chunk_entries: int = 1 << 22) -> n
 
 
 def _bipartite_clustering(graph: UnitGraph, seed: int) -> float:
-    """Mean over layer pairs of the pair's average bipartite clustering (Latapy, mode "dot", over all
-    units of both layers; equals networkx ``bipartite.average_clustering``); NaN without layer pairs."""
+    """Mean over layer pairs (:meth:`UnitGraph.layer_pairs`: a fully pruned pair counts, as 0) of the
+    pair's average bipartite clustering (Latapy, mode "dot", over all units of both layers; equals
+    networkx ``bipartite.average_clustering``); NaN without layer pairs."""
     pairs = graph.layer_pairs()
     if not pairs:
         return float("nan")
@@ -955,7 +972,8 @@ def _bipartite_clustering(graph: UnitGraph, seed: int) -> float:
 
 
 def _bipartite_density(graph: UnitGraph, seed: int) -> float:
-    """Mean over layer pairs of ``edges / (producer units x consumer units)``; NaN without layer pairs."""
+    """Mean over layer pairs (:meth:`UnitGraph.layer_pairs`: a fully pruned pair counts, as 0) of
+    ``edges / (producer units x consumer units)``; NaN without layer pairs."""
     pairs = graph.layer_pairs()
     if not pairs:
         return float("nan")

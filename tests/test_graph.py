@@ -345,8 +345,9 @@ def test_empty_graph_gives_nan_where_undefined():
     graph = unit_graph_from_weights([np.zeros((3, 2)), np.zeros((2, 3))])
     values = graph_measures(graph)
     assert values["num_edges"] == 0 and values["connectivity"] == 0 and values["dead_fraction"] == 1
-    assert all(math.isnan(values[name]) for name in ("modularity", "assortativity", "mean_path_length",
-                                                     "bipartite_clustering", "bipartite_density"))
+    assert all(math.isnan(values[name]) for name in ("modularity", "assortativity", "mean_path_length"))
+    # the layer pairs are wired, just fully pruned
+    assert values["bipartite_clustering"] == 0 and values["bipartite_density"] == 0
 
 
 # ------------------------------------------------------------------------------------ failures
@@ -377,3 +378,17 @@ def test_untraceable_and_unknown_modules_raise_value_error():
         unit_graph(model, torch.zeros(1, 1, 28, 28), masks={"1.weight": torch.ones(3)})
     with pytest.raises(ValueError, match="weights\\[1\\] has 4 inputs"):
         unit_graph_from_weights([np.ones((3, 2)), np.ones((2, 4))])
+
+
+def test_a_fully_pruned_layer_pair_counts_as_an_empty_pair():
+    cut = unit_graph_from_weights([np.ones((4, 4)), np.zeros((4, 4)), np.ones((2, 4))])
+    values = graph_measures(cut, ["bipartite_density", "bipartite_clustering", "connectivity"])
+    assert values["bipartite_density"] == pytest.approx(2 / 3)
+    assert values["bipartite_clustering"] == pytest.approx(2 / 3)
+    assert values["connectivity"] == 0.0
+    # the same from a traced model whose middle layer is masked to zero
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    traced = unit_graph(model, torch.zeros(1, 4), masks={"3.weight": torch.zeros(4, 4)})
+    assert [(p.producer, p.consumer, p.biadjacency.nnz) for p in traced.layer_pairs()] == \
+        [("input", "1", 16), ("1", "3", 0), ("3", "5", 8)]
+    assert graph_measures(traced, ["bipartite_density"])["bipartite_density"] == pytest.approx(2 / 3)

@@ -162,6 +162,10 @@ def test_unknown_env_descriptor_and_missing_extra_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown descriptor 'speed' .*valid: impact_x, impact_y_velocity"):
         ControlTask().evaluate(np.zeros((1, 32), np.float32), ["speed"])
 
+    # a linear policy has no hidden layer: information descriptors are not offered (they would be NaN)
+    assert "mi_label" not in ControlTask().descriptor_names()
+    assert "mi_label" in ControlTask(hidden=[4]).descriptor_names()
+
     real_import = builtins.__import__
 
     def no_gymnasium(name, *args, **kwargs):
@@ -313,5 +317,19 @@ def test_information_descriptors_use_the_observations_seen_and_the_actions():
     expected_next = information.mutual_information(np.array(hidden), np.array(outputs), bins=30)
     assert evaluation.measures["mi_label"] == pytest.approx(expected_label, rel=1e-6)
     assert evaluation.measures["mi_consecutive"] == pytest.approx(expected_next, rel=1e-6)
-    # a linear policy has no hidden layer: undefined, not a made-up number
-    assert math.isnan(ControlTask().evaluate(np.ones((1, 32), np.float32), ["mi_label"])[0].measures["mi_label"])
+    # a linear policy has no hidden layer: the descriptor is refused, not a made-up number
+    with pytest.raises(ValueError, match="unknown descriptor 'mi_label' for ControlTask"):
+        ControlTask().evaluate(np.ones((1, 32), np.float32), ["mi_label"])
+
+
+def test_pruning_emitter_refuses_tasks_it_cannot_evolve():
+    from ribs.archives import GridArchive
+
+    task = ControlTask(hidden=[4], evolve_pruning=True)  # init_std 0: every weight starts at zero
+    task.bind(0)
+    archive = GridArchive(solution_dim=task.solution_dim, dims=[4], ranges=[(0.0, 1.0)])
+    with pytest.raises(ValueError, match="init_std 0 .*stays there"):
+        PruningMutationEmitter(archive, task=task)
+    PruningMutationEmitter(archive, task=task, regrow_probability=0.1)  # regrowth can revive weights
+    with pytest.raises(ValueError, match="ControlTask, not a object"):
+        PruningMutationEmitter(archive, task=object())

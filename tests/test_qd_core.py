@@ -160,7 +160,7 @@ def test_the_mask_emitter_starts_with_initial_masks_then_mutates_elites_with_lin
     evaluations = task.evaluate(roots, ["density"])
     objective = np.array([e.objective for e in evaluations])
     archive.add(roots, objective, np.array([[e.measures["density"]] for e in evaluations]),
-                depth=np.zeros(6), root_objective=objective, parent_objective=np.full(6, np.nan), iteration=np.zeros(6))
+                depth=np.zeros(6), root_objective=objective, parent_objective=np.full(6, np.nan), iteration=np.zeros(6), nonfinite_measures=np.zeros(6))
     children = emitter.ask()
     lineage = emitter.last_lineage
     assert np.array_equal(lineage["depth"], np.ones(6))
@@ -180,7 +180,7 @@ def test_the_mask_emitter_resizes_both_ways_and_is_reproducible(task):
         archive = _archive(task)
         roots = task.initial_solutions(1, np.random.default_rng(5))
         archive.add(roots, [0.5], [[task.genome(roots[0]).mean()]], depth=[0], root_objective=[0.5],
-                    parent_objective=[np.nan], iteration=[0])
+                    parent_objective=[np.nan], iteration=[0], nonfinite_measures=[0])
         emitter = MaskMutationEmitter(archive, task=task, batch_size=20, seed=seed, resize_probability=1.0,
                                       resize_sigma=0.3)
         return roots[0], emitter.ask()
@@ -283,7 +283,7 @@ def test_a_run_fills_the_archive_with_lineage_and_writes_every_output(tmp_path, 
         table = list(csv.DictReader(handle))
     assert len(table) == len(data["objective"])
     assert list(table[0]) == ["index", "objective", "density", "assortativity", "depth", "root_objective",
-                              "parent_objective", "iteration"]
+                              "parent_objective", "iteration", "nonfinite_measures"]
     # every elite's measures are what the task measures for its solution
     from growprune.qd.run import load_run
 
@@ -405,6 +405,8 @@ def test_undefined_descriptors_are_clipped_into_the_range_and_counted(tmp_path):
     holes = data["solution"][:, 0] > 0
     assert holes.any() and sum(int(row["nonfinite_measures"]) for row in rows) >= holes.sum()
     assert np.all(data["measures"][holes, 1] == -3.0)  # NaN -> the range's low end
+    # each clipped elite says so in the archive (and archive.csv), measured ones carry 0
+    assert np.array_equal(data["nonfinite_measures"], holes.astype(np.int32))
     assert json.loads(summary_path.read_text())["nonfinite_measures"] == sum(int(r["nonfinite_measures"]) for r in rows)
 
 

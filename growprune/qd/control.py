@@ -440,6 +440,9 @@ class ControlTask(QDTask):
         """Behaviour measures, then the descriptors every task accepts (``density``, ``sparsity``,
         graph and information measures) and, with ``evolve_pruning``, ``prune_rate``."""
         names = [*self.behaviour_names(), *common_descriptor_names()]
+        if not self.hidden:
+            # a linear policy has no hidden layer: its information measures are undefined (NaN)
+            names = [name for name in names if name not in INFORMATION_MEASURES]
         if self.evolve_pruning:
             names.append("prune_rate")
         return list(dict.fromkeys(names))

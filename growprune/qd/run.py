@@ -6,12 +6,14 @@ The run directory is ``<root>/<name>/version_<n>`` (a new one per run, never ove
 * ``config.yaml``: the full config (``--resume <run dir>`` reads it back);
 * whatever the task keeps (:class:`~growprune.qd.SupervisedMaskTask`: ``base.ckpt``);
 * ``iterations.csv``: one row per iteration (iteration, coverage, qd_score, objective_max,
-  objective_mean, num_elites, evaluations, wall_time, and nonfinite_measures: descriptor values
-  that were NaN or infinite, clipped into the archive's range); the same row goes to W&B;
+  objective_mean, num_elites, evaluations, wall_time, and nonfinite_measures: solutions with a
+  descriptor value that was NaN (put at the range's low end) or infinite (clipped into the range);
+  each elite's own count is the archive field ``nonfinite_measures``); the same row goes to W&B;
 * ``state.pkl``: the ribs scheduler (archive and emitters with their generators), the iteration
   and counters, written atomically every ``checkpoint_every`` iterations and after the last;
 * at the end: ``archive.pkl`` (the ribs archive; :func:`load_run` reloads it with the task),
-  ``archive.csv`` (one row per elite: cell index, objective, descriptors, lineage fields and, for
+  ``archive.csv`` (one row per elite: cell index, objective, descriptors, lineage fields,
+  ``nonfinite_measures`` and, for
   float solutions only, the solution), ``heatmap.png`` (``ribs.visualize``; 1 or 2 descriptors),
   the best elite (:meth:`QDTask.save_elite`) and ``summary.json``; the last line printed is
   ``summary: <path>``.
@@ -82,6 +84,10 @@ DEFAULT_CELLS = 20
 #: the lineage fields stored next to every elite (see the module docstring)
 LINEAGE_FIELDS = {"depth": np.int32, "root_objective": np.float32, "parent_objective": np.float32,
                   "iteration": np.int32}
+# per-elite fields stored next to each solution: the lineage, and how many of its descriptor values
+# were NaN or infinite and clipped into the archive's range (so a clipped elite is never mistaken
+# for a measured one)
+EXTRA_FIELDS = {**LINEAGE_FIELDS, "nonfinite_measures": np.int32}
 # the run's parameters that emitters get when their __init__ takes them (archive is always passed)
 INJECTED = ("archive", "task", "x0", "seed")
 # sub-seeds of the run seed (np.random.SeedSequence([seed, key]))
@@ -183,7 +189,7 @@ class EmitterSpec:
                 arguments["seed"] = derived_seed(seed, _EMITTER_SEED + first_index + copy_index)
             try:
                 emitters.append(self.cls(archive, **arguments))
-            except (ValueError, TypeError) as error:
+            except (ValueError, TypeError, AttributeError) as error:
                 raise ConfigurationError(f"{self.where} > {self.cls.__name__}: {_first_line(error)}") from error
         return emitters
 
@@ -305,7 +311,7 @@ def build_archive(section: Any, task: QDTask, seed: int) -> Any:
     ranges = [tuple(float(v) for v in bounds) for bounds in section["ranges"]]
     common = {"solution_dim": task.solution_dim, "ranges": ranges, "seed": derived_seed(seed, _ARCHIVE_SEED),
               "qd_score_offset": float(section.get("qd_score_offset") or 0.0), "solution_dtype": task.solution_dtype,
-              "extra_fields": {name: ((), dtype) for name, dtype in LINEAGE_FIELDS.items()}}
+              "extra_fields": {name: ((), dtype) for name, dtype in EXTRA_FIELDS.items()}}
     if section["type"] == "grid":
         return GridArchive(dims=grid_dims(section, len(ranges)), **common)
     centroids, _ = k_means_centroids(centroids=int(section["cells"]), ranges=ranges, samples=int(section["samples"]),
@@ -323,7 +329,7 @@ def archive_rows(archive: Any, descriptors: Sequence[str]) -> list[dict[str, Any
     for position in order:
         row: dict[str, Any] = {"index": int(data["index"][position]), "objective": float(data["objective"][position])}
         row.update({name: float(value) for name, value in zip(descriptors, data["measures"][position])})
-        for name in LINEAGE_FIELDS:
+        for name in EXTRA_FIELDS:
             if name in data:
                 value = data[name][position]
                 row[name] = int(value) if np.issubdtype(np.asarray(value).dtype, np.integer) else float(value)
@@ -336,7 +342,7 @@ def archive_rows(archive: Any, descriptors: Sequence[str]) -> list[dict[str, Any
 def write_archive_csv(archive: Any, descriptors: Sequence[str], path: Path) -> None:
     """``archive.csv`` (see :func:`archive_rows`)."""
     rows = archive_rows(archive, descriptors)
-    header = ["index", "objective", *descriptors, *LINEAGE_FIELDS]
+    header = ["index", "objective", *descriptors, *EXTRA_FIELDS]
     if rows:
         header += [key for key in rows[0] if key not in header]
     buffer = io.StringIO()
@@ -605,7 +611,8 @@ class QDRun:
                     # clipped into the range so that the solution still counts (logged per iteration)
                     measures = np.where(np.isnan(measures), lows, np.clip(measures, lows, highs))
                 lineage = self._lineage(scheduler, len(solutions), objective)
-                scheduler.tell(objective, measures, iteration=np.full(len(solutions), iteration, np.int32), **lineage)
+                scheduler.tell(objective, measures, iteration=np.full(len(solutions), iteration, np.int32),
+                               nonfinite_measures=bad.sum(axis=1).astype(np.int32), **lineage)
                 counters["evaluations"] += len(solutions)
                 counters["nonfinite_measures"] += int(bad.any(axis=1).sum())
                 stats = archive.stats

@@ -94,7 +94,13 @@ class PruningMutationEmitter(_emitter_base()):  # type: ignore[misc]
         for name, value in (("prune_rate", prune_rate), ("regrow_probability", regrow_probability)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"PruningMutationEmitter {name} must be in [0, 1], got {value!r}")
-        layout = task.layout
+        layout = getattr(task, "layout", None)
+        if layout is None:
+            raise ValueError(f"PruningMutationEmitter mutates policy weights of a ControlTask, not a "
+                             f"{type(task).__name__} (use MaskMutationEmitter for masks)")
+        if float(getattr(task, "init_std", 1.0)) == 0.0 and float(regrow_probability) == 0.0:
+            raise ValueError("PruningMutationEmitter only perturbs nonzero weights: with the task's init_std 0 "
+                             "every weight starts at zero and stays there; set task init_std > 0 or regrow_probability > 0")
         archive_dim = archive.solution_dim if hasattr(archive, "solution_dim") else None
         if archive_dim is not None and int(np.prod(archive_dim)) != layout.solution_dim:
             raise ValueError(
