@@ -7,6 +7,8 @@
     growprune models                       # registered model names
     growprune datasets                     # data module names and classes
     growprune evolve -c configs/evolve/lenet300_ga_digits.yaml   # evolutionary pruning (growprune.cli_evolve)
+    growprune qd -c configs/qd/lenet300_masks_digits.yaml        # MAP-Elites (growprune.cli_qd)
+    growprune qd-analyze runs/qd/lenet300_masks_digits/version_0 # descriptors vs learning speed (growprune.cli_qd_analyze)
 
 Every ``fit``, ``validate`` and ``test`` ends with a summary table and writes the same numbers to
 ``<run dir>/summary.json``; the last line printed is ``summary: <path>``. The run directory is the

@@ -67,6 +67,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--permutations", type=int, default=1000, help="permutations of the p-value (0: none)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the elite sample, batch order, probe, Louvain, bootstrap and permutations")
+    parser.add_argument("--control", type=Optional[str], default="density",
+                        help="descriptor held fixed in the partial correlations rho|ctl, p|ctl (null: none)")
     parser.add_argument("--out", type=Optional[str], default=None,
                         help="output folder (default <run_dir>/analysis; _1, _2, ... appended while it exists)")
     return parser
@@ -99,7 +101,7 @@ def parse(argv: list[str]) -> Namespace:
         target_accuracy=config.target_accuracy, target_gain=config.target_gain, max_steps=config.max_steps,
         eval_every=config.eval_every, learning_rate=config.learning_rate, optimizer=config.optimizer,
         batch_size=config.batch_size, probe_size=config.probe_size, bootstrap=config.bootstrap,
-        permutations=config.permutations, seed=config.seed)
+        permutations=config.permutations, seed=config.seed, control=config.control)
     try:
         options.check()
     except ValueError as error:

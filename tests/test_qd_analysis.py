@@ -597,3 +597,24 @@ def test_nearly_constant_descriptor_gets_a_ci_note():
     assert np.isfinite(row.rho) and "CI unreliable" in row.note and "2 distinct rare values" in row.note
     [plain] = correlate({"x": speed + rng.normal(size=40)}, speed, "speed", bootstrap=300, permutations=100)
     assert plain.note == ""
+
+
+def test_partial_spearman_removes_a_shared_confounder():
+    from growprune.qd.analysis import correlate, partial_spearman
+
+    rng = np.random.default_rng(0)
+    density = rng.uniform(size=300)
+    # both follow density, nothing else: a strong plain correlation that vanishes with density held fixed
+    descriptor = density + 0.05 * rng.standard_normal(300)
+    speed = -density + 0.05 * rng.standard_normal(300)
+    rho, p = partial_spearman(descriptor, speed, density, 200, np.random.default_rng(1))
+    assert abs(rho) < 0.2 and p > 0.01
+    # a descriptor that carries speed beyond density keeps its partial correlation
+    extra = rng.standard_normal(300)
+    rho_extra, p_extra = partial_spearman(extra, speed + 0.2 * extra, density, 200, np.random.default_rng(1))
+    assert rho_extra > 0.5 and p_extra < 0.01
+    rows = correlate({"descriptor": descriptor, "extra": extra}, speed + 0.2 * extra, "speed", bootstrap=50,
+                     permutations=50, control=density)
+    assert rows[0].rho < -0.8 and abs(rows[0].rho_partial) < 0.3 and rows[1].rho_partial > 0.5
+    assert math.isnan(correlate({"d": descriptor}, speed, "speed", bootstrap=0, permutations=0)[0].rho_partial)
+    assert all(math.isnan(v) for v in partial_spearman(density ** 2, speed, density, 50, np.random.default_rng(2)))

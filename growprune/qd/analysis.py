@@ -254,6 +254,47 @@ def permutation_pvalue(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.
     return float((1 + extreme) / (permutations + 1))
 
 
+def _rank_residuals(values: np.ndarray, control_ranks: np.ndarray) -> np.ndarray:
+    """Ranks of ``values`` minus their least-squares line on ``control_ranks``."""
+    ranks = _rank_rows(values)
+    design = np.column_stack([np.ones_like(control_ranks), control_ranks])
+    coefficients, *_ = np.linalg.lstsq(design, ranks, rcond=None)
+    return ranks - design @ coefficients
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray, permutations: int,
+                     rng: np.random.Generator) -> tuple[float, float]:
+    """Spearman correlation of ``x`` and ``y`` with ``control`` held fixed, and its permutation p-value.
+
+    The ranks of ``x`` and of ``y`` are each regressed on the ranks of ``control``; the partial rho
+    is the Pearson correlation of the two residuals (what is left of each once the control's
+    monotone trend is removed). The p-value permutes the ``x`` residuals against the ``y`` residuals.
+
+    Returns:
+        ``(rho, p)``; NaN for either when undefined (a constant variable, a variable that is a
+        monotone function of the control, fewer than 4 pairs, ``permutations`` 0 for p).
+
+    Raises:
+        ValueError: lengths differ.
+    """
+    x, y = _check_pairs(x, y)
+    control = np.asarray(control, dtype=np.float64).ravel()
+    if control.shape != x.shape:
+        raise ValueError(f"control must have one value per pair, got {control.size} for {x.size}")
+    if x.size < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    control_ranks = _rank_rows(control)
+    residual_x, residual_y = _rank_residuals(x, control_ranks), _rank_residuals(y, control_ranks)
+    if min(np.abs(residual_x).max(), np.abs(residual_y).max()) < 1e-8:
+        return math.nan, math.nan  # a variable the control fixes completely (e.g. the control itself)
+    rho = float(_row_pearson(residual_x[None], residual_y[None])[0])
+    if not math.isfinite(rho) or permutations <= 0:
+        return rho, math.nan
+    shuffled = rng.permuted(np.broadcast_to(residual_x, (permutations, residual_x.size)), axis=1)
+    rhos = _row_pearson(shuffled, np.broadcast_to(residual_y, shuffled.shape))
+    return rho, float((1 + np.count_nonzero(np.abs(rhos) >= abs(rho) - 1e-12)) / (permutations + 1))
+
+
 def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate); NaNs stay NaN and are not counted.
 
@@ -294,6 +335,9 @@ class Correlation:
     p_permutation: float
     p_adjusted: float = math.nan
     note: str = ""
+    #: the partial Spearman rho with the control descriptor held fixed (:func:`partial_spearman`)
+    rho_partial: float = math.nan
+    p_partial: float = math.nan
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -303,7 +347,7 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
 
 def correlate(descriptors: Mapping[str, np.ndarray], speed: np.ndarray, speed_name: str, *,
               bootstrap: int = 1000, permutations: int = 1000, seed: int = 0,
-              confidence: float = 0.95) -> list[Correlation]:
+              confidence: float = 0.95, control: np.ndarray | None = None) -> list[Correlation]:
     """Spearman rho, bootstrap CI, permutation p and BH-adjusted p of every descriptor vs ``speed``.
 
     Args:
@@ -313,6 +357,8 @@ def correlate(descriptors: Mapping[str, np.ndarray], speed: np.ndarray, speed_na
         bootstrap, permutations: resamples of the CI and of the p-value (0: skip, NaN).
         seed: seed of both; each (speed, descriptor) pair draws from its own generator.
         confidence: coverage of the interval.
+        control: one value per elite of a confounder (e.g. the weight density) to hold fixed in
+            ``rho_partial`` / ``p_partial`` (``None``: not computed).
 
     Returns:
         One :class:`Correlation` per descriptor, in the given order; pairs with a non-finite
@@ -328,6 +374,8 @@ def correlate(descriptors: Mapping[str, np.ndarray], speed: np.ndarray, speed_na
         if values.shape != speed.shape:
             raise ValueError(f"descriptor {name!r} has {values.size} values but there are {speed.size} speeds")
         keep = np.isfinite(values) & np.isfinite(speed)
+        if control is not None:
+            keep &= np.isfinite(np.asarray(control, dtype=np.float64).ravel())
         x, y = values[keep], speed[keep]
         note = ""
         if x.size < 3:
@@ -353,7 +401,11 @@ def correlate(descriptors: Mapping[str, np.ndarray], speed: np.ndarray, speed_na
             notes.append(f"CI unreliable: {undefined:.0%} of bootstrap resamples had a constant variable "
                          f"({np.unique(x).size} distinct {name} values)")
         note = "; ".join(notes)
-        rows.append(Correlation(speed_name, name, int(x.size), spearman(x, y), low, high, p, note=note))
+        row = Correlation(speed_name, name, int(x.size), spearman(x, y), low, high, p, note=note)
+        if control is not None:
+            row.rho_partial, row.p_partial = partial_spearman(
+                x, y, np.asarray(control, dtype=np.float64).ravel()[keep], permutations, _rng(seed, speed_name, name, "partial"))
+        rows.append(row)
     adjusted = benjamini_hochberg([row.p_permutation for row in rows])
     for row, value in zip(rows, adjusted):
         row.p_adjusted = float(value)
@@ -696,6 +748,9 @@ class AnalysisOptions:
         probe_size: validation images of the supervised information probe.
         bootstrap, permutations: resamples of the CI and of the p-value (0: skip).
         seed: seed of the elite sample, batch order, probe, Louvain, bootstrap and permutations.
+        control: a descriptor held fixed in the partial correlations (``rho_partial``, ``p_partial``;
+            default the weight density, which drives most graph measures of pruned networks;
+            ``None``: none). It is computed even when not among ``descriptors``.
     """
 
     max_elites: int | None = 200
@@ -713,6 +768,7 @@ class AnalysisOptions:
     bootstrap: int = 1000
     permutations: int = 1000
     seed: int = 0
+    control: str | None = "density"
 
     def check(self) -> None:
         """Refuse bad values (one line each).
@@ -741,6 +797,8 @@ class AnalysisOptions:
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 or null, got {self.learning_rate}")
         check_descriptors(self.descriptors)
+        if self.control is not None:
+            check_descriptors([self.control])
 
     @property
     def resolved_learning_rate(self) -> float:
@@ -857,6 +915,7 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
     options = options or AnalysisOptions()
     options.check()
     names = check_descriptors(options.descriptors)
+    computed = names + ([options.control] if options.control is not None and options.control not in names else [])
     if out_dir is None and run_dir is None:
         raise ValueError("analyze needs out_dir or run_dir")
     fields = archive_fields(archive)
@@ -881,14 +940,18 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
     started = time.perf_counter()
     bar = _progress_bar(len(rows) * (2 if speed_kind == "retraining" else 1), progress)
     try:
-        descriptors = compute_descriptors(task, solutions, names, seed=options.seed, probe_size=options.probe_size,
+        descriptors = compute_descriptors(task, solutions, computed, seed=options.seed, probe_size=options.probe_size,
                                           progress=bar.update if bar is not None else None)
+        control = descriptors[options.control] if options.control is not None else None
+        descriptors = {name: descriptors[name] for name in names}
         columns: dict[str, np.ndarray] = {"index": chosen["index"].astype(np.int64),
                                           "objective": chosen["objective"].astype(np.float64)}
         for extra in ("depth", "root_objective", "parent_objective", "iteration"):
             if extra in chosen:
                 columns[extra] = chosen[extra]
         columns.update(descriptors)
+        if options.control is not None and options.control not in names:
+            columns[options.control] = control
         speeds: dict[str, np.ndarray] = {}
         censored = 0
         if speed_kind == "retraining":
@@ -907,14 +970,15 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
     correlations = []
     for speed_name, speed in speeds.items():
         correlations += correlate(descriptors, speed, speed_name, bootstrap=options.bootstrap,
-                                  permutations=options.permutations, seed=options.seed)
+                                  permutations=options.permutations, seed=options.seed, control=control)
     seconds = time.perf_counter() - started
 
     out_dir = next_output_dir(Path(out_dir) if out_dir is not None else Path(run_dir) / ANALYSIS_FOLDER)
     elites_path, correlations_path = out_dir / "elites.csv", out_dir / "correlations.csv"
     plot_path, summary_path = out_dir / "correlations.png", out_dir / "summary.json"
     _write_csv(elites_path, columns)
-    table_columns = ["speed", "descriptor", "n", "rho", "ci_low", "ci_high", "p_permutation", "p_adjusted", "note"]
+    table_columns = ["speed", "descriptor", "n", "rho", "ci_low", "ci_high", "p_permutation", "p_adjusted",
+                     "rho_partial", "p_partial", "note"]
     _write_csv(correlations_path, {key: [getattr(row, key) for row in correlations] for key in table_columns})
     plot_correlations(correlations, descriptors, speeds, plot_path)
     options_dict = asdict(options)
@@ -926,6 +990,7 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
         "speed_kind": speed_kind,
         "speed_measures": list(speeds),
         "sign_convention": "rho > 0: a higher descriptor goes with faster learning (steps_to_target is negated)",
+        "control": options.control,
         "elites_in_archive": total,
         "elites_analysed": int(len(rows)),
         "excluded_depth0": excluded_depth0,
@@ -1062,11 +1127,11 @@ def format_table(correlations: Sequence[Correlation]) -> str:
     width = max([len(row.descriptor) for row in correlations] + [10])
     speed_width = max([len(row.speed) for row in correlations] + [5])
     header = (f"{'speed':<{speed_width}}  {'descriptor':<{width}}  {'n':>4}  {'rho':>7}  {'95% CI':>17}  "
-              f"{'p_perm':>7}  {'p_BH':>7}  note")
+              f"{'p_perm':>7}  {'p_BH':>7}  {'rho|ctl':>7}  {'p|ctl':>7}  note")
     lines = [header, "-" * len(header)]
     for row in correlations:
         ci = f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}]" if np.isfinite(row.ci_low) else "n/a"
         lines.append(f"{row.speed:<{speed_width}}  {row.descriptor:<{width}}  {row.n:>4}  {_number(row.rho, '+.3f'):>7}  "
                      f"{ci:>17}  {_number(row.p_permutation, '.4f'):>7}  {_number(row.p_adjusted, '.4f'):>7}  "
-                     f"{row.note}".rstrip())
+                     f"{_number(row.rho_partial, '+.3f'):>7}  {_number(row.p_partial, '.4f'):>7}  {row.note}".rstrip())
     return "\n".join(lines)
