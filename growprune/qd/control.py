@@ -29,6 +29,7 @@ Behaviour measures (the mean over episode seeds):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,17 +83,22 @@ def require_gymnasium() -> Any:
 # --- behaviour measures --------------------------------------------------------------------------
 
 
-class _Tracker:
+class _Tracker(ABC):
     """Follows one episode and reports its behaviour measures."""
 
+    __slots__ = ()
+
+    @abstractmethod
     def reset(self, obs: np.ndarray, env: Any) -> None:
-        raise NotImplementedError
+        """Start following an episode at its first observation."""
 
+    @abstractmethod
     def step(self, obs: np.ndarray, env: Any) -> None:
-        raise NotImplementedError
+        """Take in the observation after one step."""
 
+    @abstractmethod
     def result(self, env: Any) -> list[float]:
-        raise NotImplementedError
+        """The behaviour measures of the episode, in the env's measure order."""
 
 
 class _LunarLanderTracker(_Tracker):
