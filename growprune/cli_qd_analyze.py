@@ -102,12 +102,27 @@ def parse(argv: list[str]) -> Namespace:
         eval_every=config.eval_every, learning_rate=config.learning_rate, optimizer=config.optimizer,
         batch_size=config.batch_size, probe_size=config.probe_size, bootstrap=config.bootstrap,
         permutations=config.permutations, seed=config.seed, control=config.control)
+    config.archive_descriptors = run_descriptors(Path(config.run_dir))
     try:
-        options.check()
+        options.check(config.archive_descriptors)
     except ValueError as error:
         raise ConfigurationError(str(error)) from error
+    check_run_dir(config.run_dir)
     config.options = options
     return config
+
+
+def run_descriptors(run_dir: Path) -> list[str]:
+    """The run's archive dimensions (``descriptors`` of its ``config.yaml``; none without one)."""
+    import yaml
+
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    try:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigurationError(f"run_dir: {run_dir}/config.yaml is not valid YAML: {error}") from error
+    return [str(name) for name in stored.get("descriptors") or []]
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -135,7 +150,7 @@ def analyze_main(argv: list[str]) -> None:
     try:
         with quiet_boilerplate():
             config = parse(list(argv))
-            run_dir = check_run_dir(config.run_dir)
+            run_dir = Path(config.run_dir)
             from growprune.qd import load_run
             from growprune.qd.analysis import analyze, format_table
 
@@ -147,7 +162,8 @@ def analyze_main(argv: list[str]) -> None:
                 raise ConfigurationError(f"run_dir: {run_dir} cannot be loaded: {error}") from error
             try:
                 result = analyze(loaded.task, loaded.archive, config.options, run_dir=run_dir,
-                                 out_dir=Path(config.out) if config.out else None)
+                                 out_dir=Path(config.out) if config.out else None,
+                                 archive_descriptors=config.archive_descriptors)
             except ConfigurationError:
                 raise
             except ValueError as error:

@@ -618,3 +618,29 @@ def test_partial_spearman_removes_a_shared_confounder():
     assert rows[0].rho < -0.8 and abs(rows[0].rho_partial) < 0.3 and rows[1].rho_partial > 0.5
     assert math.isnan(correlate({"d": descriptor}, speed, "speed", bootstrap=0, permutations=0)[0].rho_partial)
     assert all(math.isnan(v) for v in partial_spearman(density ** 2, speed, density, 50, np.random.default_rng(2)))
+
+
+def test_the_runs_own_archive_descriptors_can_be_analysed(tmp_path):
+    """A behaviour measure the analysis cannot compute (here x0 of a toy archive) is read from the archive."""
+    from ribs.archives import GridArchive
+
+    from growprune.qd.analysis import AnalysisOptions, analyze
+
+    rng = np.random.default_rng(0)
+    archive = GridArchive(solution_dim=2, dims=[10, 10], ranges=[(-1, 1), (-1, 1)],
+                          extra_fields={"depth": ((), np.int32), "root_objective": ((), np.float32)})
+    x = rng.uniform(-1, 1, size=(60, 2))
+    depth = rng.integers(1, 5, size=60)
+    # learning speed (objective - root) / depth grows with the first archive dimension
+    objective = 10 * x[:, 0] * depth
+    archive.add(x, objective, x, depth=depth, root_objective=np.zeros(60))
+    options = AnalysisOptions(max_elites=None, descriptors=["impact_x"], bootstrap=20, permutations=20,
+                              control=None)
+    result = analyze(object(), archive, options, out_dir=tmp_path / "out", progress=False,
+                     archive_descriptors=["impact_x", "impact_y_velocity"])
+    (row,) = result.correlations
+    assert row.descriptor == "impact_x" and row.rho > 0.99
+    with pytest.raises(ValueError, match="unknown descriptor.*'speed'.*impact_x, impact_y_velocity"):
+        analyze(object(), archive, AnalysisOptions(descriptors=["speed"]), out_dir=tmp_path / "x",
+                archive_descriptors=["impact_x", "impact_y_velocity"])
+    assert not (tmp_path / "x").exists()

@@ -102,8 +102,13 @@ def available_descriptors() -> list[str]:
     return names + list(INFORMATION_DESCRIPTORS)
 
 
-def check_descriptors(names: Sequence[str] | None) -> list[str]:
-    """The descriptors to compute: ``names`` checked, or all of :func:`available_descriptors`.
+def check_descriptors(names: Sequence[str] | None, archive_descriptors: Sequence[str] = ()) -> list[str]:
+    """The descriptors to analyse: ``names`` checked, or all of them.
+
+    Args:
+        names: the selection (``None``: every computable descriptor, then the archive's own).
+        archive_descriptors: the run's archive dimensions (e.g. ``impact_x``, ``prune_rate``): valid
+            names too, read from the archive when the analysis cannot compute them itself.
 
     Returns:
         The names in the order given (duplicates dropped).
@@ -111,7 +116,8 @@ def check_descriptors(names: Sequence[str] | None) -> list[str]:
     Raises:
         ValueError: an unknown or empty selection (one line listing the valid names).
     """
-    valid = available_descriptors()
+    computable = available_descriptors()
+    valid = computable + [name for name in archive_descriptors if name not in computable]
     if names is None:
         return valid
     chosen = list(dict.fromkeys(str(name) for name in names))
@@ -770,7 +776,7 @@ class AnalysisOptions:
     seed: int = 0
     control: str | None = "density"
 
-    def check(self) -> None:
+    def check(self, archive_descriptors: Sequence[str] = ()) -> None:
         """Refuse bad values (one line each).
 
         Raises:
@@ -796,9 +802,9 @@ class AnalysisOptions:
             raise ValueError(f"target_gain: must lie in (0, 1], got {self.target_gain}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0 or null, got {self.learning_rate}")
-        check_descriptors(self.descriptors)
+        check_descriptors(self.descriptors, archive_descriptors)
         if self.control is not None:
-            check_descriptors([self.control])
+            check_descriptors([self.control], archive_descriptors)
 
     @property
     def resolved_learning_rate(self) -> float:
@@ -889,7 +895,7 @@ SPEED_MEASURES = {"retraining": ("steps_to_target", "accuracy_gain"), "lineage":
 
 
 def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, out_dir: Path | None = None,
-            run_dir: Path | None = None, progress: bool = True) -> AnalysisResult:
+            run_dir: Path | None = None, progress: bool = True, archive_descriptors: Sequence[str] = ()) -> AnalysisResult:
     """Run the whole analysis on a bound task and its archive, and write its outputs.
 
     Everything that can be refused is checked before any file is written: the options, the
@@ -904,6 +910,9 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
             appended while it exists).
         run_dir: the run directory (for the default ``out_dir`` and the summary).
         progress: show a progress bar on stderr.
+        archive_descriptors: the names of the archive's measure dimensions (the run's
+            ``descriptors``), in order: they can be analysed too (e.g. ``impact_x`` or
+            ``prune_rate``), read from the archive when the analysis cannot compute them.
 
     Returns:
         An :class:`AnalysisResult` (paths, the ``elites.csv`` columns, the correlations).
@@ -913,9 +922,12 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
             archive cannot give.
     """
     options = options or AnalysisOptions()
-    options.check()
-    names = check_descriptors(options.descriptors)
-    computed = names + ([options.control] if options.control is not None and options.control not in names else [])
+    options.check(archive_descriptors)
+    names = check_descriptors(options.descriptors, archive_descriptors)
+    wanted = names + ([options.control] if options.control is not None and options.control not in names else [])
+    computable = set(available_descriptors())
+    computed = [name for name in wanted if name in computable]
+    from_archive = [name for name in wanted if name not in computable]
     if out_dir is None and run_dir is None:
         raise ValueError("analyze needs out_dir or run_dir")
     fields = archive_fields(archive)
@@ -941,7 +953,9 @@ def analyze(task: Any, archive: Any, options: AnalysisOptions | None = None, *, 
     bar = _progress_bar(len(rows) * (2 if speed_kind == "retraining" else 1), progress)
     try:
         descriptors = compute_descriptors(task, solutions, computed, seed=options.seed, probe_size=options.probe_size,
-                                          progress=bar.update if bar is not None else None)
+                                          progress=bar.update if bar is not None else None) if computed else {}
+        for name in from_archive:  # the run's own archive dimensions (behaviour measures, prune_rate, ...)
+            descriptors[name] = np.asarray(chosen["measures"], dtype=np.float64)[:, list(archive_descriptors).index(name)]
         control = descriptors[options.control] if options.control is not None else None
         descriptors = {name: descriptors[name] for name in names}
         columns: dict[str, np.ndarray] = {"index": chosen["index"].astype(np.int64),
