@@ -27,7 +27,7 @@ from typing import Any
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from growprune.cli_errors import check_checkpoint, explain_instantiation_error, explain_parser_error
+from growprune.cli_errors import check_checkpoint, error_line, explain_instantiation_error, explain_parser_error
 from growprune.cli_output import LIGHTNING_LOG_INTERVAL, ShortEpochStepLogging, quiet_boilerplate
 from growprune.data import DigitsDataModule, GrowPruneDataModule, list_datamodules
 from growprune.errors import ConfigurationError
@@ -239,18 +239,12 @@ def main(args: list[str] | None = None) -> None:
         with quiet_boilerplate():
             GrowPruneCLI(args=resolve_data_names(argv))
     except ConfigurationError as error:
-        print(f"growprune: error: {_one_line_message(error)}", file=sys.stderr)
+        print(f"growprune: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
     except ArgumentError as error:
         # e.g. a checkpoint's stored hyper-parameters that this config cannot take
         print(f"growprune: error: {explain_parser_error(str(error))}", file=sys.stderr)
         raise SystemExit(2) from error
-
-
-def _one_line_message(error: BaseException) -> str:
-    """The error's text on one line (never empty: the exception type when it has no text)."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip())
 
 
+def error_line(error: BaseException) -> str:
+    """The error's text on one line for ``growprune: error: ...`` (never empty: the exception type
+    when it has no text)."""
+    return _one_line(str(error)) or type(error).__name__
+
+
 def _type_name(name: str) -> str:
     """``<class 'int'>`` -> int, ``typing.Literal['a', 'b']`` -> one of 'a', 'b', ``NoneType`` -> None."""
     name = name.strip()

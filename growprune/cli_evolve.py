@@ -27,7 +27,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
-from growprune.cli_errors import explain_instantiation_error, explain_parser_error
+from growprune.cli_errors import error_line, explain_instantiation_error, explain_parser_error
 from growprune.cli_output import quiet_boilerplate
 from growprune.errors import ConfigurationError
 
@@ -92,8 +92,13 @@ def _option_names(parser: ArgumentParser) -> dict[str, list[str]]:
     return {"evolve": [action.dest for action in parser._actions]}
 
 
-def _resume_arguments(argv: list[str]) -> list[str]:
-    """``--resume <run dir>`` without ``-c``: the run's own config.yaml comes first."""
+def resume_arguments(argv: list[str], command: str = "evolve") -> list[str]:
+    """``--resume <run dir>`` without ``-c``: the run's own config.yaml comes first (``growprune
+    evolve`` and ``growprune qd`` runs keep it there).
+
+    Raises:
+        ConfigurationError: the directory holds no config.yaml (the line names ``command``).
+    """
     has_config = any(token in ("-c", "--config") or token.startswith("--config=") for token in argv)
     for index, token in enumerate(argv):
         value = None
@@ -104,7 +109,7 @@ def _resume_arguments(argv: list[str]) -> list[str]:
         if value is not None and not has_config:
             stored = Path(value) / "config.yaml"
             if not stored.is_file():
-                raise ConfigurationError(f"resume: {value} is not an evolve run directory (no config.yaml in it)")
+                raise ConfigurationError(f"resume: {value} is not {'an' if command[0] in 'aeiou' else 'a'} {command} run directory (no config.yaml in it)")
             return ["-c", str(stored), *argv]
     return argv
 
@@ -117,7 +122,7 @@ def parse(argv: list[str]) -> tuple[ArgumentParser, Namespace]:
     """
     parser = build_parser()
     try:
-        config = parser.parse_args(_resume_arguments(list(argv)))
+        config = parser.parse_args(resume_arguments(list(argv)))
     except ArgumentError as error:
         raise ConfigurationError(explain_parser_error(str(error), _option_names(parser))) from error
     for key, low in (("generations", 1), ("chunks", 1), ("base.epochs", 0), ("seed", 0)):
@@ -169,13 +174,8 @@ def evolve_main(argv: list[str]) -> None:
             run = EvolutionRun.prepare(config, objects, text, resume=config.resume)
             run.execute()
     except ConfigurationError as error:
-        print(f"growprune: error: {_one_line(error)}", file=sys.stderr)
+        print(f"growprune: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ or ``cvt`` with ``cells`` and ``samples``; ``ranges`` one per descriptor; ``qd_s
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
-from growprune.cli_errors import explain_parser_error
+from growprune.cli_errors import error_line, explain_parser_error
+from growprune.cli_evolve import resume_arguments
 from growprune.cli_output import quiet_boilerplate
 from growprune.errors import ConfigurationError
 
@@ -76,23 +75,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _resume_arguments(argv: list[str]) -> list[str]:
-    """``--resume <run dir>`` without ``-c``: the run's own config.yaml comes first."""
-    has_config = any(token in ("-c", "--config") or token.startswith("--config=") for token in argv)
-    for index, token in enumerate(argv):
-        value = None
-        if token == "--resume" and index + 1 < len(argv) and not argv[index + 1].startswith("-"):
-            value = argv[index + 1]
-        elif token.startswith("--resume="):
-            value = token.split("=", 1)[1]
-        if value is not None and not has_config:
-            stored = Path(value) / "config.yaml"
-            if not stored.is_file():
-                raise ConfigurationError(f"resume: {value} is not a qd run directory (no config.yaml in it)")
-            return ["-c", str(stored), *argv]
-    return argv
-
-
 def parse(argv: list[str]) -> tuple[ArgumentParser, Namespace]:
     """Parse the command line (``--print_config`` prints and exits here).
 
@@ -105,7 +87,7 @@ def parse(argv: list[str]) -> tuple[ArgumentParser, Namespace]:
     require_ribs()
     parser = build_parser()
     try:
-        config = parser.parse_args(_resume_arguments(list(argv)))
+        config = parser.parse_args(resume_arguments(list(argv), command="qd"))
     except ArgumentError as error:
         message = explain_parser_error(str(error), {"qd": [a.dest for a in parser._actions]})
         if message.startswith("task:") and "class_path" in message:
@@ -145,13 +127,8 @@ def qd_main(argv: list[str]) -> None:
             run = QDRun.prepare(config, objects.task, text, resume=config.resume)
             run.execute()
     except ConfigurationError as error:
-        print(f"growprune: error: {_one_line(error)}", file=sys.stderr)
+        print(f"growprune: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
-from growprune.cli_errors import explain_parser_error
+from growprune.cli_errors import error_line, explain_parser_error
 from growprune.errors import ConfigurationError
 
 
@@ -169,7 +169,7 @@ def analyze_main(argv: list[str]) -> None:
             except ValueError as error:
                 raise ConfigurationError(str(error)) from error
     except ConfigurationError as error:
-        print(f"growprune: error: {_one_line(error)}", file=sys.stderr)
+        print(f"growprune: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
     summary = result.summary
     counts = (f"analysed {summary['elites_analysed']} of {summary['elites_in_archive']} elites; "
@@ -182,20 +182,9 @@ def analyze_main(argv: list[str]) -> None:
     print(counts)
     print("rho > 0: a higher descriptor goes with faster learning; p_BH: Benjamini-Hochberg adjusted")
     print(format_table(result.correlations), flush=True)
-    print(f"summary: {_shown(result.summary_path)}", flush=True)
+    from growprune.evolution.run import shown_path
 
-
-def _shown(path: Path) -> str:
-    absolute = Path(path).resolve()
-    try:
-        return str(absolute.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(absolute)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
+    print(f"summary: {shown_path(result.summary_path)}", flush=True)
 
 
 if __name__ == "__main__":

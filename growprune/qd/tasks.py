@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -58,14 +58,9 @@ def graph_descriptor_names() -> list[str]:
 
 
 def common_descriptor_names() -> list[str]:
-    """Descriptors every task accepts: the size measures, the graph measures and, when
-    :mod:`growprune.information` is available, the information measures."""
-    names = list(SIZE_DESCRIPTORS) + graph_descriptor_names()
-    try:
-        import growprune.information  # noqa: F401
-    except ImportError:
-        return names
-    return names + list(INFORMATION_DESCRIPTORS)
+    """Descriptors every task accepts: the size measures, the graph measures and the information
+    measures (:mod:`growprune.information`)."""
+    return list(SIZE_DESCRIPTORS) + graph_descriptor_names() + list(INFORMATION_DESCRIPTORS)
 
 
 class QDTask(ABC):
