@@ -9,6 +9,7 @@
     growprune evolve -c configs/evolve/lenet300_ga_digits.yaml   # evolutionary pruning (growprune.cli_evolve)
     growprune qd -c configs/qd/lenet300_masks_digits.yaml        # MAP-Elites (growprune.cli_qd)
     growprune qd-analyze runs/qd/lenet300_masks_digits/version_0 # descriptors vs learning speed (growprune.cli_qd_analyze)
+    growprune benchmark --suite smoke                            # a suite's grid and leaderboard (growprune.cli_benchmark)
 
 Every ``fit``, ``validate`` and ``test`` ends with a summary table and writes the same numbers to
 ``<run dir>/summary.json``; the last line printed is ``summary: <path>``. The run directory is the
@@ -232,6 +233,13 @@ def main(args: list[str] | None = None) -> None:
         from growprune.cli_qd_analyze import analyze_main
 
         return analyze_main(argv[1:])
+    if argv and argv[0] == "benchmark":
+        from growprune.cli_benchmark import benchmark_main
+
+        code = benchmark_main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
     if argv and argv[0] in ("models", "datasets"):
         _print_listing(argv[0])
         return

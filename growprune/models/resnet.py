@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -96,11 +98,14 @@ def _register_cifar_resnet(depth: int) -> None:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     per_stage = (depth - 2) // 6
 
-    def builder(num_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> nn.Module:
-        return ResNet([per_stage] * 3, [16, 32, 64], num_classes, in_channels, shortcut)
+    def builder(num_classes: int = 10, in_channels: int = 3, shortcut: str = "A", width: float = 1.0) -> nn.Module:
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+            raise ValueError(f"resnet{depth} width must be a finite number > 0, got {width!r}")
+        widths = [max(1, round(channels * width)) for channels in (16, 32, 64)]
+        return ResNet([per_stage] * 3, widths, num_classes, in_channels, shortcut)
 
     builder.__name__ = f"resnet{depth}"
-    builder.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016): 3 stages x {per_stage} basic blocks, 16/32/64 channels."
+    builder.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016): 3 stages x {per_stage} basic blocks, 16/32/64 channels (times ``width``)."
     register_model(builder.__name__)(builder)
 
 
