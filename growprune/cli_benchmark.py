@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "different fields: all)")
     parser.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "disabled"),
                         help="W&B mode of every entry and of the leaderboard run (default auto; WANDB_MODE wins)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print each entry's own output (Lightning, W&B) instead of writing it to <entry dir>/output.log")
     parser.add_argument("--report-only", action="store_true", help="rebuild the leaderboard from existing results, run nothing")
     parser.add_argument("--suites-dir", default="benchmarks/suites", help=argparse.SUPPRESS)
     return parser
@@ -172,7 +174,7 @@ def benchmark_main(argv: list[str]) -> int:
         suite = load_suite(args.suite, args.suites_dir, validate_configs=not args.report_only)
         runner = BenchmarkRunner(suite, out=Path(args.out), engine=args.engine, workers=args.workers,
                                  wandb_mode=args.wandb, seeds=_seeds(args.seeds), only=_only(args.only),
-                                 progress=True)
+                                 progress=True, capture_output=not args.verbose)
         if args.dry_run:
             return _dry_run(runner)
         if args.report_only:

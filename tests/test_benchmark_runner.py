@@ -138,7 +138,7 @@ def test_rerun_skips_complete_retries_failed_and_keeps_old_failures(leaderboard)
     assert len(bad_dirs) == 2
     for directory in bad_dirs:
         files = sorted(path.name for path in (Path("out") / directory).iterdir())
-        assert files == ["call-1", "call-2", "entry.json", "failed-1.json", "failed.json"]
+        assert files == ["call-1", "call-2", "entry.json", "failed-1.json", "failed.json", "output.log"]
     # complete entries ran exactly once
     assert sum(1 for name in after if name.endswith("call-2")) == 2
     make_runner().run()
@@ -378,3 +378,22 @@ def test_resume_after_kill_9_skips_completed_entries(tmp_path):
         assert (path.stat().st_mtime_ns, path.read_text()) == value
     assert len(list(tmp_path.glob("out/tinyfit/entries/*/result.json"))) == 6
     assert output.rstrip().splitlines()[-1] == f"summary: {Path('out/tinyfit/summary.json')}"
+
+
+def test_entry_output_goes_to_its_log_and_the_console_stays_clean(tmp_path, capfd):
+    from growprune.benchmark.runner import entry_output
+
+    log = tmp_path / "entry" / "output.log"
+    print("before", flush=True)
+    with entry_output(log):
+        print("python stdout", flush=True)
+        print("python stderr", file=sys.stderr, flush=True)
+        os.write(1, b"fd 1\n")
+        os.write(2, b"fd 2\n")
+    print("after", flush=True)
+    captured = capfd.readouterr()
+    assert captured.out == "before\nafter\n" and captured.err == ""
+    assert log.read_text().splitlines() == ["python stdout", "python stderr", "fd 1", "fd 2"]
+    with entry_output(log):  # a retry appends: the first attempt's output is kept
+        print("second attempt", flush=True)
+    assert log.read_text().splitlines()[-1] == "second attempt" and len(log.read_text().splitlines()) == 5

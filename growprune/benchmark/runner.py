@@ -18,16 +18,18 @@ run killed at any point (even ``kill -9``) resumes where it stopped: ``result.js
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from growprune.benchmark.suite import Entry, Suite
 
@@ -115,6 +117,56 @@ def _default_run_entry() -> RunEntry:
     return run_entry
 
 
+OUTPUT_LOG = "output.log"
+
+
+@contextlib.contextmanager
+def entry_output(path: Path | None) -> Iterator[None]:
+    """Send everything the process writes to stdout and stderr into ``path`` (appended) meanwhile.
+
+    Redirects the file descriptors, not only ``sys.stdout``: Lightning's and W&B's log handlers
+    hold their own references to the streams, and a library may write from C. ``None`` leaves the
+    output where it is.
+    """
+    if path is None:
+        yield
+        return
+    descriptors = [1, 2]  # the process's own, which C code and subprocesses write to
+    for stream in (sys.stdout, sys.stderr):  # and those of Python's streams when they differ
+        try:
+            descriptors.append(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    descriptors = sorted(set(descriptors))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = [os.dup(descriptor) for descriptor in descriptors]
+    try:
+        with open(path, "ab") as log:
+            for descriptor in descriptors:
+                os.dup2(log.fileno(), descriptor)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for descriptor, original in zip(descriptors, saved):
+                    os.dup2(original, descriptor)
+    finally:
+        for original in saved:
+            os.close(original)
+
+
+def console_stream() -> Any:
+    """A stream on a copy of this process's stderr descriptor, which :func:`entry_output` leaves alone
+    (the progress bar writes there while an entry's output goes to its log)."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):
+        return sys.stderr
+
+
 def execute_entry(shared: dict[str, Any], item: tuple[dict[str, Any], str]) -> dict[str, Any]:
     """Run one entry and write its record (``result.json`` or ``failed.json``) into its directory.
 
@@ -135,7 +187,8 @@ def execute_entry(shared: dict[str, Any], item: tuple[dict[str, Any], str]) -> d
     run_entry = shared.get("run_entry") or _default_run_entry()
     started = time.perf_counter()
     try:
-        metrics = run_entry(entry, entry_dir, wandb_mode=shared.get("wandb_mode", "disabled"))
+        with entry_output(entry_dir / OUTPUT_LOG if shared.get("capture_output") else None):
+            metrics = run_entry(entry, entry_dir, wandb_mode=shared.get("wandb_mode", "disabled"))
         if not isinstance(metrics, dict):
             raise TypeError(f"run_entry returned {type(metrics).__name__}, not a dict of metrics")
         record = {**metrics, **_runner_fields(entry, entry_dir), "status": "completed", "error": None}
@@ -191,6 +244,9 @@ class BenchmarkRunner:
             :func:`growprune.benchmark.entries.run_entry`); it must be importable by name for
             ``workers > 1`` or Ray.
         progress: show a tqdm progress bar.
+        capture_output: write what each entry prints (Lightning's tables, W&B's messages) into
+            ``<entry dir>/output.log`` instead of the console, which keeps the progress bar and
+            the final summary (``growprune benchmark --verbose`` turns it off).
 
     Raises:
         ValueError: an unknown engine or W&B mode, ``workers`` below 1, a seed or ``only`` value
@@ -200,7 +256,7 @@ class BenchmarkRunner:
     def __init__(self, suite: Suite, out: str | Path = "runs/benchmark", engine: str = "local", workers: int | None = None,
                  wandb_mode: str = "disabled", seeds: Sequence[int] | None = None,
                  only: dict[str, Sequence[str]] | None = None, run_entry: RunEntry | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, capture_output: bool = True) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -223,7 +279,7 @@ class BenchmarkRunner:
                 raise ValueError(f"no entry of suite {suite.name} has {name}={unknown[0]}; valid values: {', '.join(valid)}")
         self.suite, self.engine, self.workers, self.wandb_mode = suite, engine, workers, wandb_mode
         self.out_dir = Path(out) / suite.name
-        self.run_entry, self.progress = run_entry, progress
+        self.run_entry, self.progress, self.capture_output = run_entry, progress, capture_output
         self.entries = [
             entry for entry in suite.entries
             if (seeds is None or entry.seed in seeds)
@@ -274,7 +330,8 @@ class BenchmarkRunner:
         bar = self._progress_bar(len(plan), skipped, counts)
         try:
             if items:
-                shared = {"wandb_mode": self.wandb_mode, "run_entry": self.run_entry}
+                shared = {"wandb_mode": self.wandb_mode, "run_entry": self.run_entry,
+                          "capture_output": self.capture_output}
                 with self._engine() as engine:
                     for _, record in engine.imap(execute_entry, items, shared):
                         if record["status"] == "completed":
@@ -310,7 +367,8 @@ class BenchmarkRunner:
             return None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"benchmark {self.suite.name}", unit="entry", dynamic_ncols=True)
+        bar = tqdm(total=total, desc=f"benchmark {self.suite.name}", unit="entry", dynamic_ncols=True,
+                   file=console_stream() if self.capture_output else sys.stderr)
         bar.set_postfix(counts, refresh=False)
         bar.update(skipped)
         return bar
