@@ -148,6 +148,11 @@ def test_fit_entry_record_is_the_final_epoch_of_the_saved_run(tmp_path):
     assert record["accuracy_split"] == "test" and record["epochs"] == 2 and record["width"] is None
     assert record["data_source"] == "sklearn digits" and record["throughput_batch"] == 64
     assert record["throughput_per_s"] > 0 and record["latency_batch1_ms"] > 0 and record["wall_seconds"] > 0
+    # training throughput: 2 epochs over the digits' training split, within the fit's own time
+    train_size = len(DigitsDataModule(batch_size=64, seed=0).build_datasets()[0])
+    assert record["device"] == "cpu" and record["precision"] == "32-true"
+    assert 0 < record["train_seconds"] < record["wall_seconds"]
+    assert record["train_samples_per_s"] == pytest.approx(2 * train_size / record["train_seconds"])
 
     # accuracy: the saved final checkpoint, evaluated here on the test split
     checkpoint = Path(record["checkpoint"])

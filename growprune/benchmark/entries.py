@@ -19,7 +19,8 @@ Record fields of ``fit`` (:data:`FIT_FIELDS`): ``accuracy``, ``accuracy_split``,
 flops_effective, theoretical), ``flops_reduction`` (flops_original / flops_dense),
 ``latency_batch1_ms``, ``latency_threads``, ``throughput_batch`` (64), ``throughput_per_s``,
 ``wall_seconds``, ``epochs``, ``data_source``, ``checkpoint``, ``width`` (None unless ``${width}``
-was resolved). For a ``${width}`` entry (the same-size dense baseline) the ``*_original`` fields are
+was resolved), ``device`` (``cpu`` or the GPU's name), ``precision``, ``train_seconds`` and
+``train_samples_per_s`` (training samples per second of the fit: a GPU suite's throughput). For a ``${width}`` entry (the same-size dense baseline) the ``*_original`` fields are
 those of the full-width network, so its compression and speed-up compare with the pruned methods'.
 
 W&B: each entry is one W&B run, grouped by the suite's name, named by the entry's label, with the
@@ -59,9 +60,9 @@ MODEL_FIELDS = (
 )
 FIT_FIELDS = (
     "accuracy", "accuracy_split", "val_accuracy", *MODEL_FIELDS, "wall_seconds", "epochs", "data_source",
-    "checkpoint", "width",
+    "checkpoint", "width", "device", "precision", "train_seconds", "train_samples_per_s",
 )
-EVOLVE_FIELDS = (*FIT_FIELDS, "evaluations", "generations")
+EVOLVE_FIELDS = (*FIT_FIELDS[:FIT_FIELDS.index("device")], "evaluations", "generations")
 QD_FIELDS = ("coverage", "qd_score", "best_objective", "num_elites", "evaluations", "wall_seconds", "data_source",
              "checkpoint")
 # latency of the summary and of the throughput figure: best of at most 20 passes after 3 warm-up
@@ -117,12 +118,64 @@ def run_entry(entry: Any, entry_dir: Path, wandb_mode: str = "disabled") -> dict
 # ------------------------------------------------------------------------------------------ fit
 def _fit_cli_class() -> type:
     """GrowPruneCLI that tests the trained network before the W&B run ends (imported lazily)."""
+    from lightning.pytorch.callbacks import Callback
+
     from growprune.cli import GrowPruneCLI
+
+    class TrainingSpeed(Callback):
+        """Training samples per second of a fit (the throughput a GPU suite reports), and its device.
+
+        Counts the samples of every training batch between ``on_train_start`` and ``on_train_end``
+        (validation epochs inside that span are included, as they are in any epoch time). On CUDA the
+        clock waits for the device, so queued kernels are not left out.
+        """
+
+        def __init__(self) -> None:
+            self.samples = 0
+            self.seconds = 0.0
+            self.device = "cpu"
+            self.precision = ""
+            self._started: float | None = None
+
+        def _now(self, trainer: Any) -> float:
+            import torch
+
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)
+            return time.perf_counter()
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            import torch
+
+            device = trainer.strategy.root_device
+            self.device = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            self.precision = str(trainer.precision)
+            self._started = self._now(trainer)
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            first = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.samples += int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 1
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._started is not None:
+                self.seconds += self._now(trainer) - self._started
+                self._started = None
+
+        def fields(self) -> dict[str, Any]:
+            """``device``, ``precision``, ``train_seconds``, ``train_samples_per_s`` (None without training)."""
+            return {"device": self.device, "precision": self.precision, "train_seconds": self.seconds,
+                    "train_samples_per_s": self.samples / self.seconds if self.seconds > 0 else None}
 
     class FitThenTestCLI(GrowPruneCLI):
         """``fit``, then ``test`` of the final weights when the data has its own test split."""
 
         test_metrics: dict[str, float] | None = None
+        training_speed: Any = None
+
+        def before_fit(self) -> None:
+            super().before_fit()
+            self.training_speed = TrainingSpeed()
+            self.trainer.callbacks.append(self.training_speed)
 
         def after_fit(self) -> None:
             # Runs inside GrowPruneCLI.__init__, whose error handling finishes the W&B run on failure.
@@ -165,6 +218,8 @@ def _run_fit(entry: Any, entry_dir: Path, wandb_mode: str) -> dict[str, Any]:
     else:
         record.update(accuracy=summary.get("val/acc"), accuracy_split="val")
     record.update(model_metrics(module, reference=reference))
+    if cli.training_speed is not None:
+        record.update(cli.training_speed.fields())
     record.update(epochs=summary.get("epochs"), data_source=data_source(cli.datamodule),
                   checkpoint=summary.get("checkpoint"), width=width, summary=str(cli.summary_path))
     return record

@@ -126,6 +126,9 @@ class GrowPruneDataModule(pl.LightningDataModule):
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # page-locked batches copy to a GPU asynchronously; worker processes then keep it busy
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
     # Each loader calls setup() itself so that the module also works outside a Trainer;
