@@ -12,7 +12,7 @@ WANDB_MODE ?= disabled
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,ray,qd,control]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,ray,qd,control,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@
     growprune qd -c configs/qd/lenet300_masks_digits.yaml        # MAP-Elites (growprune.cli_qd)
     growprune qd-analyze runs/qd/lenet300_masks_digits/version_0 # descriptors vs learning speed (growprune.cli_qd_analyze)
     growprune benchmark --suite smoke                            # a suite's grid and leaderboard (growprune.cli_benchmark)
+    growprune export --ckpt_path CKPT                            # plain module, TorchScript, ONNX (growprune.cli_export)
 
 Every ``fit``, ``validate`` and ``test`` ends with a summary table and writes the same numbers to
 ``<run dir>/summary.json``; the last line printed is ``summary: <path>``. The run directory is the
@@ -237,6 +238,13 @@ def main(args: list[str] | None = None) -> None:
         from growprune.cli_benchmark import benchmark_main
 
         code = benchmark_main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    if argv and argv[0] == "export":
+        from growprune.cli_export import export_main
+
+        code = export_main(argv[1:])
         if code:
             raise SystemExit(code)
         return
