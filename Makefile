@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # W&B logging (offline runs are written under each test's temporary directory), as CI does.
 WANDB_MODE ?= disabled
 
-.PHONY: install demo test test-slow test-all test-torchvision bench clean
+.PHONY: install demo test test-slow test-all test-torchvision bench bench-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-torchvision: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput
+
+# the smoke benchmark suite: leaderboard files and plots in runs/benchmark/smoke (W&B as WANDB_MODE says)
+bench-smoke: $(STAMP)
+	WANDB_SILENT=true $(BIN)/growprune benchmark --suite smoke --workers 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
