@@ -379,3 +379,36 @@ def test_wandb_failures_warn_finish_the_run_and_keep_the_files(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="W&B leaderboard run not started: no network"):
         written = write_leaderboard("smoke", fit_records(seeds=(0,)), tmp_path, {"plots": []}, {}, "online")
     assert "wandb" not in written and written["results.csv"].is_file()
+
+
+def test_an_untargeted_method_that_chose_its_compression_is_a_point_not_a_reference(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    original_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda figure=None: figures.append(figure))
+    records = [record for record in fit_records() if record["method"] in ("dense", "random")]
+    for seed, compression in enumerate((14.0, 17.5, 17.4)):  # e.g. NNrelief run to its stopping rule
+        records.append({**records[0], "key": f"stop{seed}", "label": f"stop/lenet300/digits/tnone/s{seed}",
+                        "method": "stop", "baseline": None, "target": None, "seed": seed,
+                        "compression": compression, "accuracy": 0.95 + 0.001 * seed})
+    write_leaderboard("smoke", records, tmp_path, {"plots": [["compression", "accuracy"]]}, {})
+    axis = figures[0].axes[0]
+    try:
+        references = {line.get_label() for line in axis.get_lines() if not line.get_label().startswith("_")}
+        assert references == {"dense"}  # only the dense network is a horizontal line
+        bars = {container.get_label(): container for container in axis.containers}
+        (x,) = bars["stop"].lines[0].get_xdata()
+        assert x == pytest.approx(statistics.mean((14.0, 17.5, 17.4)))
+    finally:
+        original_close(figures[0])
+
+
+def test_a_metric_missing_for_some_seeds_says_how_many_it_averages(tmp_path):
+    records = [record for record in fit_records() if record["method"] == "random" and record["target"] == 2.0]
+    records[0]["speedup"] = None  # an infinite ratio is stored as None
+    (row,) = aggregate(records)
+    assert row["n"] == 3 and row["speedup_n"] == 2
+    assert row["speedup_mean"] == pytest.approx(statistics.mean(record["speedup"] for record in records[1:]))
+    write_leaderboard("smoke", records, tmp_path, {"metrics": ["accuracy", "speedup"]}, {})
+    assert "(n=2)" in (tmp_path / "leaderboard.md").read_text()

@@ -287,6 +287,36 @@ def test_ray_engine_gives_the_same_records_as_local(leaderboard):
     assert _records_without_process_details(Path("ray")) == local
 
 
+def dying_run_entry(entry: Any, entry_dir: Path, wandb_mode: str = "disabled") -> dict[str, Any]:
+    """Like fake_run_entry, but the ``bad`` entries kill their worker process (a crash in C code, the OOM killer)."""
+    if entry.method == "bad":
+        os._exit(9)
+    return fake_run_entry(entry, entry_dir, wandb_mode)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_its_entries_and_the_run_still_reports(leaderboard):
+    write_fake_suite()
+    runner = BenchmarkRunner(load_suite("fake", validate_configs=False), out=Path("out"), workers=2,
+                             run_entry=dying_run_entry, progress=False)
+    summary = runner.run()
+    assert summary.entries == 14 and summary.completed + summary.failed == 14
+    assert summary.failed >= 2  # the dying entries, and any the broken pool took with it
+    assert Path("out/fake/summary.json").is_file() and leaderboard.calls
+    statuses = {}
+    for entry in runner.entries:
+        entry_dir = runner.entry_dir(entry)
+        statuses[entry.label] = "complete" if (entry_dir / "result.json").is_file() else "failed"
+        if entry.method == "bad":
+            record = json.loads((entry_dir / "failed.json").read_text())
+            assert "worker running it died" in record["error"] and record["status"] == "failed"
+    # a rerun with a healthy entry function retries exactly the failed entries
+    rerun = BenchmarkRunner(load_suite("fake", validate_configs=False), out=Path("out"), workers=1,
+                            run_entry=fake_run_entry, progress=False).run()
+    assert rerun.skipped == sum(1 for status in statuses.values() if status == "complete")
+    assert rerun.completed + rerun.failed == sum(1 for status in statuses.values() if status == "failed")
+
+
 TINY_FIT_SUITE = """\
 name: tinyfit
 description: Two methods on the digits with a tiny LeNet-300-100, one epoch.

@@ -272,3 +272,20 @@ def test_evolve_config_keys_are_checked_by_evolve_parser():
         load_suite("evo")
     path.write_text(path.read_text().replace("generatoins", "generations"))
     assert [entry.config["generations"] for entry in load_suite("evo").entries] == [2]
+
+
+def test_a_target_used_only_at_run_time_is_part_of_the_key():
+    # latency entries take their default pruning amount from the target, not from the config
+    write_suite("""\
+        name: lat
+        command: latency
+        seeds: [0]
+        targets: [2, 3]
+        config: {input_shape: [1, 28, 28]}
+        models: {m: {model: {arch: lenet_300_100}}}
+        datasets: {d: {num_classes: 10}}
+        methods: {l1: {config: {pruning: {kind: structured}}}}
+        """, name="lat")
+    entries = load_suite("lat", validate_configs=False).entries
+    assert [entry.target for entry in entries] == [2.0, 3.0]
+    assert entries[0].config == entries[1].config and entries[0].key != entries[1].key

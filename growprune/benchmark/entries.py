@@ -65,6 +65,8 @@ FIT_FIELDS = (
 EVOLVE_FIELDS = (*FIT_FIELDS[:FIT_FIELDS.index("device")], "evaluations", "generations")
 QD_FIELDS = ("coverage", "qd_score", "best_objective", "num_elites", "evaluations", "wall_seconds", "data_source",
              "checkpoint")
+#: torch threads of the latency and throughput figures (comparable across entries and machines' load)
+LATENCY_THREADS = 1
 # latency of the summary and of the throughput figure: best of at most 20 passes after 3 warm-up
 # ones, within 1 s (as growprune.runs measures batch 1)
 LATENCY_PASSES, LATENCY_WARMUP, LATENCY_SECONDS = 20, 3, 1.0
@@ -374,7 +376,8 @@ def model_metrics(module: Any, reference: tuple[float, float] | None = None) -> 
             module's own original network.
 
     Returns:
-        The :data:`MODEL_FIELDS` (latencies measured on the module's current device, eval mode).
+        The :data:`MODEL_FIELDS` (latencies measured on the module's current device, eval mode,
+        with :data:`LATENCY_THREADS` torch thread(s)).
     """
     from growprune.metrics import measure_latency
 
@@ -382,8 +385,15 @@ def model_metrics(module: Any, reference: tuple[float, float] | None = None) -> 
     params_original, flops_original = reference or (sizes["params/original"], sizes["flops/original"])
     nonzero, dense, effective = sizes["params/nonzero"], sizes["flops/dense"], sizes["flops/effective"]
     timing = {"repeats": LATENCY_PASSES, "warmup": LATENCY_WARMUP, "statistic": "min", "max_seconds": LATENCY_SECONDS}
-    batch1 = measure_latency(module.model, module.input_shape, batch_size=1, **timing)
-    batch = measure_latency(module.model, module.input_shape, batch_size=THROUGHPUT_BATCH, **timing)
+    # One torch thread: with more threads than idle cores (other entries, other jobs) every pass
+    # waits for a descheduled thread and the figure measures the machine's load, not the network.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
+    try:
+        batch1 = measure_latency(module.model, module.input_shape, batch_size=1, **timing)
+        batch = measure_latency(module.model, module.input_shape, batch_size=THROUGHPUT_BATCH, **timing)
+    finally:
+        torch.set_num_threads(threads)
     return {
         "params_total": int(sizes["params/total"]), "params_nonzero": int(nonzero),
         "params_original": int(params_original), "flops_dense": float(dense), "flops_effective": float(effective),
@@ -391,7 +401,7 @@ def model_metrics(module: Any, reference: tuple[float, float] | None = None) -> 
         "compression": params_original / nonzero if nonzero else math.inf,
         "speedup": flops_original / effective if effective else math.inf,
         "flops_reduction": flops_original / dense if dense else math.inf,
-        "latency_batch1_ms": 1e3 * batch1, "latency_threads": torch.get_num_threads(),
+        "latency_batch1_ms": 1e3 * batch1, "latency_threads": LATENCY_THREADS,
         "throughput_batch": THROUGHPUT_BATCH, "throughput_per_s": THROUGHPUT_BATCH / batch,
     }
 

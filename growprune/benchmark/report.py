@@ -204,6 +204,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [record.get(key) for record in completed]
             if any(_is_number(value) for value in values):
                 numbers = [float(value) for value in values if _is_number(value)]
+                row[f"{key}_n"] = len(numbers)  # seeds with a finite value (inf/NaN are stored as None)
                 row[f"{key}_mean"] = statistics.fmean(numbers)
                 row[f"{key}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
                 row[f"{key}_min"] = min(numbers)
@@ -275,7 +276,8 @@ def _format_metric(metric: str, row: dict[str, Any]) -> str:
         return "—"
     if not math.isfinite(mean):
         return str(mean)
-    std = float(row.get(f"{metric}_std") or 0.0) if row.get("n", 0) > 1 else None
+    counted = row.get(f"{metric}_n", row.get("n", 0))
+    std = float(row.get(f"{metric}_std") or 0.0) if counted > 1 else None
     if metric in _PERCENT:
         text, spread = f"{100 * mean:.2f}", None if std is None else f"{100 * std:.2f}"
     elif metric in _RATIO:
@@ -286,7 +288,9 @@ def _format_metric(metric: str, row: dict[str, Any]) -> str:
         text, spread = _compact(mean), None if std is None else _compact(std, 2)
     else:
         text, spread = _compact(mean, 4), None if std is None else _compact(std, 2)
-    return text if spread is None else f"{text} ± {spread}"
+    text = text if spread is None else f"{text} ± {spread}"
+    # a metric some seeds could not give (an infinite ratio) is not a mean over all of them
+    return text if counted >= row.get("n", 0) else f"{text} (n={counted})"
 
 
 def _metric_label(metric: str, records: Sequence[dict[str, Any]]) -> str:
@@ -343,10 +347,22 @@ def _axis_label(metric: str) -> str:
     return _AXIS_LABELS.get(metric, metric)
 
 
+def _is_reference(row: dict[str, Any], x: str) -> bool:
+    """Whether an untargeted method's single row is a reference level (the dense network: no x of
+    its own, or a ratio of 1) rather than a point (NNrelief, polarization, a growth scenario: the
+    method chose its own compression or size)."""
+    value = row.get(f"{x}_mean")
+    if value is None or not math.isfinite(value) or value <= 0:
+        return True
+    return x in _RATIO and abs(value - 1.0) < 1e-3
+
+
 def _plot(rows: Sequence[dict[str, Any]], x: str, y: str, title: str, path: Path) -> bool:
-    """One plot of ``y`` against ``x`` (log-x): a line per targeted method with std error bars, a
-    horizontal line with a std band per method that has a single untargeted entry. Returns False
-    (nothing written) when no row has both metrics."""
+    """One plot of ``y`` against ``x`` (log-x): a line per targeted method with std error bars (x
+    and y), a single point for an untargeted method that chose its own ``x`` (NNrelief's stopping
+    rule, polarization, a growth scenario), and a horizontal line with a std band for a reference
+    such as the dense network (no ``x`` of its own, or a ratio of 1). Returns False (nothing
+    written) when no row has both metrics."""
     scale_y = 100.0 if y in _PERCENT else 1.0
     scale_x = 100.0 if x in _PERCENT else 1.0
     methods: dict[str, list[dict[str, Any]]] = {}
@@ -356,7 +372,7 @@ def _plot(rows: Sequence[dict[str, Any]], x: str, y: str, title: str, path: Path
     series, references = [], []
     for method, method_rows in methods.items():
         label = _method_label(method, method_rows[0].get("baseline"))
-        if len(method_rows) == 1 and method_rows[0].get("target") is None:
+        if len(method_rows) == 1 and method_rows[0].get("target") is None and _is_reference(method_rows[0], x):
             row = method_rows[0]
             if math.isfinite(row[f"{y}_mean"]):
                 references.append((label, row[f"{y}_mean"] * scale_y, row[f"{y}_std"] * scale_y))

@@ -144,9 +144,9 @@ def entry_output(path: Path | None) -> Iterator[None]:
     saved = [os.dup(descriptor) for descriptor in descriptors]
     try:
         with open(path, "ab") as log:
-            for descriptor in descriptors:
-                os.dup2(log.fileno(), descriptor)
             try:
+                for descriptor in descriptors:
+                    os.dup2(log.fileno(), descriptor)
                 yield
             finally:
                 sys.stdout.flush()
@@ -316,6 +316,8 @@ class BenchmarkRunner:
         plan = self.plan()
         pending = [entry for entry, status in plan if status != "complete"]
         skipped = len(plan) - len(pending)
+        # the engine first: a Ray that cannot start must not leave earlier failures renamed
+        engine = self._engine() if pending else None
         items = []
         for entry in pending:
             entry_dir = self.entry_dir(entry)
@@ -328,23 +330,52 @@ class BenchmarkRunner:
         counts = {"done": 0, "skipped": skipped, "failed": 0}
         failures: list[dict[str, str]] = []
         bar = self._progress_bar(len(plan), skipped, counts)
+        finished: set[int] = set()
+
+        def count(record: dict[str, Any]) -> None:
+            if record["status"] == "completed":
+                counts["done"] += 1
+            else:
+                counts["failed"] += 1
+                failures.append({"label": record["label"], "key": record["key"], "error": record["error"]})
+            if bar is not None:
+                bar.set_postfix(counts, refresh=False)
+                bar.update(1)
+
         try:
             if items:
                 shared = {"wandb_mode": self.wandb_mode, "run_entry": self.run_entry,
                           "capture_output": self.capture_output}
-                with self._engine() as engine:
-                    for _, record in engine.imap(execute_entry, items, shared):
-                        if record["status"] == "completed":
-                            counts["done"] += 1
-                        else:
-                            counts["failed"] += 1
-                            failures.append({"label": record["label"], "key": record["key"], "error": record["error"]})
-                        if bar is not None:
-                            bar.set_postfix(counts, refresh=False)
-                            bar.update(1)
+                try:
+                    with engine:
+                        for index, record in engine.imap(execute_entry, items, shared):
+                            finished.add(index)
+                            count(record)
+                except Exception as error:
+                    # A worker process died (out of memory, a crash in C code) or the engine failed:
+                    # the entries it took with it are recorded as failed, so the leaderboard and the
+                    # summary are still written and a rerun retries exactly those entries.
+                    from growprune.cli_errors import error_line
+
+                    reason = f"{type(error).__name__}: the worker running it died or the engine failed: {error_line(error)}"
+                    for index, (entry_data, directory) in enumerate(items):
+                        if index in finished or entry_status(Path(directory)) == "complete":
+                            continue
+                        written = _read_json(Path(directory) / FAILED)
+                        if written is not None:  # the entry's own failure, written before the engine broke
+                            count(written)
+                            continue
+                        entry = Entry.from_dict(entry_data)
+                        record = {**_runner_fields(entry, Path(directory)), "status": "failed", "error": reason,
+                                  "traceback": traceback.format_exc(), "finished_at": _now()}
+                        write_json_atomic(Path(directory) / FAILED, record)
+                        count(record)
         finally:
             if bar is not None:
                 bar.close()
+                console = getattr(bar, "console", None)
+                if console is not None and console is not sys.stderr:
+                    console.close()  # the duplicated descriptor of console_stream()
         summary = BenchmarkSummary(suite=self.suite.name, entries=len(plan), completed=counts["done"], skipped=skipped,
                                    failed=counts["failed"], wall_seconds=0.0, failed_entries=failures,
                                    out_dir=str(self.out_dir))
@@ -367,8 +398,9 @@ class BenchmarkRunner:
             return None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"benchmark {self.suite.name}", unit="entry", dynamic_ncols=True,
-                   file=console_stream() if self.capture_output else sys.stderr)
+        console = console_stream() if self.capture_output else sys.stderr
+        bar = tqdm(total=total, desc=f"benchmark {self.suite.name}", unit="entry", dynamic_ncols=True, file=console)
+        bar.console = console
         bar.set_postfix(counts, refresh=False)
         bar.update(skipped)
         return bar

@@ -77,12 +77,15 @@ class Entry:
     def key(self) -> str:
         """First 12 hex digits of the sha256 of the canonical JSON of ``{"command", "config"}``.
 
-        A baseline entry also hashes its ``baseline`` and ``target``: its pruning (and ``${width}``)
-        is derived from them at run time, so two targets of one baseline are two runs even though
-        their configs read the same.
+        The target is hashed too wherever it is used at run time rather than written into the
+        config: ``${width}`` (resolved when the entry runs), ``latency`` entries (their default
+        pruning amount), and baseline entries (with their ``baseline`` kind). Elsewhere the target
+        only acts through placeholders the config already holds, so two targets whose configs read
+        the same are refused as duplicates instead of silently sharing a result.
         """
         payload: dict[str, Any] = {"command": self.command, "config": self.config}
-        if self.baseline is not None:
+        uses_target = self.baseline is not None or self.command == "latency" or "${width}" in json.dumps(self.config)
+        if uses_target:
             payload.update(baseline=self.baseline, target=self.target)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
