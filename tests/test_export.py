@@ -2,6 +2,7 @@
 reload and reproduce the checkpoint's outputs, refusals before anything is written."""
 
 import json
+from pathlib import Path
 import warnings
 
 import pytest
@@ -271,3 +272,21 @@ def test_onnx_without_the_onnx_package_is_refused_before_anything_is_written(len
     err = capsys.readouterr().err
     assert "pip install 'growprune[export]'" in err and "--formats module,torchscript" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_format_that_fails_keeps_the_others_records_why_and_exits_1(lenet_checkpoint, tmp_path, capsys, monkeypatch):
+    import growprune.export as export
+
+    def broken_exporter(*args, **kwargs):
+        raise RuntimeError("exporter limit")
+
+    monkeypatch.setattr(export, "_write_onnx", broken_exporter)
+    out = tmp_path / "out"
+    path, _ = lenet_checkpoint
+    assert export_main(["--ckpt_path", str(path), "--out", str(out)]) == 1
+    record = json.loads((out / "export.json").read_text())
+    assert record["verification"]["onnx"] == {"passed": False, "error": "RuntimeError: exporter limit"}
+    for name in ("module", "torchscript"):  # checked on two batch sizes: a trace must not fix the batch
+        assert record["verification"][name]["passed"] and record["verification"][name]["batch_sizes"] == [1, 3]
+        assert Path(record["files"][name]).is_file()
+    assert "onnx: RuntimeError: exporter limit" in capsys.readouterr().err
