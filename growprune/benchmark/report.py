@@ -570,7 +570,15 @@ def _markdown(suite_name: str, records: Sequence[dict[str, Any]], rows: Sequence
         if "accuracy" in recorded:
             splits = sorted({str(record["accuracy_split"]) for record in completed if record.get("accuracy_split")})
             split_text = f" on the {' / '.join(splits)} split" if splits else ""
-            notes.append(f"Accuracy is the final-epoch accuracy{split_text}, never the best epoch on test.")
+            commands = {record.get("command") for record in completed}
+            if commands <= {"fit"}:
+                notes.append(f"Accuracy is the final-epoch accuracy{split_text}, never the best epoch on test.")
+            elif commands <= {"evolve"}:
+                notes.append(f"Accuracy is that of the search's best network, chosen on the validation split and "
+                             f"measured{split_text}.")
+            else:
+                notes.append(f"Accuracy is the best network's{split_text}; for `qd` entries that is the split the "
+                             f"archive selected on (the best of many, so optimistic), for `fit` the final epoch's.")
         if "compression" in recorded:
             notes.append("Compression = original / nonzero parameters.")
         if "speedup" in recorded:
