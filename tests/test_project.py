@@ -64,7 +64,11 @@ def test_readme_setup_commands_are_what_make_and_ci_run():
     # CI runs exactly the README's test command
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.strip().startswith("#")]
-    assert ci[-2:] == ["make test", "make test-torchvision"] and "set -euo pipefail" in ci
+    start = ci.index("make test")
+    assert ci[start:start + 3] == ["make test", "make test-torchvision", "make bench-smoke"] and "set -euo pipefail" in ci
+    # ... and the smoke benchmark suite the README promises a newcomer, its leaderboard checked
+    assert "growprune benchmark --suite smoke --workers 2" in recipes["bench-smoke"][0]
+    assert any("runs/benchmark/smoke/leaderboard.md" in line for line in ci[start + 3:])
     # ... with W&B offline, so the W&B logging runs in CI too
     assert "export WANDB_MODE=offline" in ci
 
