@@ -121,6 +121,7 @@ def test_run_writes_records_summary_and_leaderboard(leaderboard, capsys):
     on_disk = json.loads(Path("out/fake/summary.json").read_text())
     assert {key: on_disk[key] for key in ("entries", "completed", "skipped", "failed")} == {"entries": 14, "completed": 12, "skipped": 0, "failed": 2}
     assert on_disk["leaderboard"] == {"markdown": str(Path("out/fake/leaderboard.md"))}
+    assert Path("out/fake/leaderboard.log").is_file()  # the leaderboard's W&B notices, off the console
     assert sorted(failure["label"] for failure in on_disk["failed_entries"]) == ["bad/m1/d/t2.0/s0", "bad/m1/d/t2.0/s1"]
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"summary: {Path('out/fake/summary.json')}"
 

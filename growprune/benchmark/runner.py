@@ -418,8 +418,10 @@ class BenchmarkRunner:
         from growprune.benchmark.report import write_leaderboard
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return write_leaderboard(self.suite.name, self.records(), self.out_dir, dict(self.suite.report),
-                                 dict(self.suite.wandb), wandb_mode=self.wandb_mode)
+        # W&B's notices of the leaderboard run go to <out>/leaderboard.log, like an entry's to its output.log
+        with entry_output(self.out_dir / "leaderboard.log" if self.capture_output else None):
+            return write_leaderboard(self.suite.name, self.records(), self.out_dir, dict(self.suite.report),
+                                     dict(self.suite.wandb), wandb_mode=self.wandb_mode)
 
 
 def format_summary(summary: BenchmarkSummary) -> str:
