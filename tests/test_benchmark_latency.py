@@ -28,6 +28,8 @@ def test_structured_entry_reports_speedups_and_hits_the_flops_target(tmp_path):
     assert record["params_pruned"] < record["params_original"]
     assert record["folded_batch_norms"] == 8 and record["export_max_abs_diff"] < 1e-4
     assert record["export_format"] == "torchscript"
+    # dense and pruned run in the same runtime: "auto" decides on the dense network, the pruned one follows
+    assert record["torchscript_optimized"] == record["dense_torchscript_optimized"]
     assert all(int(width) % 2 == 0 for width in record["widths"].split())
     for batch in (1, 4):
         dense, pruned = record[f"latency_dense_b{batch}_ms"], record[f"latency_pruned_b{batch}_ms"]
