@@ -41,3 +41,17 @@ def evaluating(model: nn.Module, gradients: bool = False) -> Iterator[nn.Module]
     with preserved_modes(model), torch.set_grad_enabled(gradients):
         model.eval()
         yield model
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` inside (nothing when ``None``); the previous count afterwards."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

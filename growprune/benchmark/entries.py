@@ -380,6 +380,7 @@ def model_metrics(module: Any, reference: tuple[float, float] | None = None) -> 
         with :data:`LATENCY_THREADS` torch thread(s)).
     """
     from growprune.metrics import measure_latency
+    from growprune.modes import torch_threads
 
     sizes = module.size_metrics(include_original=True)
     params_original, flops_original = reference or (sizes["params/original"], sizes["flops/original"])
@@ -387,13 +388,9 @@ def model_metrics(module: Any, reference: tuple[float, float] | None = None) -> 
     timing = {"repeats": LATENCY_PASSES, "warmup": LATENCY_WARMUP, "statistic": "min", "max_seconds": LATENCY_SECONDS}
     # One torch thread: with more threads than idle cores (other entries, other jobs) every pass
     # waits for a descheduled thread and the figure measures the machine's load, not the network.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(LATENCY_THREADS)
-    try:
+    with torch_threads(LATENCY_THREADS):
         batch1 = measure_latency(module.model, module.input_shape, batch_size=1, **timing)
         batch = measure_latency(module.model, module.input_shape, batch_size=THROUGHPUT_BATCH, **timing)
-    finally:
-        torch.set_num_threads(threads)
     return {
         "params_total": int(sizes["params/total"]), "params_nonzero": int(nonzero),
         "params_original": int(params_original), "flops_dense": float(dense), "flops_effective": float(effective),

@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from growprune.modes import torch_threads  # noqa: F401  (also this module's public name, as before)
+
 PRUNING_KINDS = ("structured", "unstructured", "none")
 EXPORT_FORMATS = ("torchscript", "eager")
 _TOP_KEYS = ("model", "input_shape", "num_classes", "seed", "pruning", "export", "timing")
@@ -302,17 +304,6 @@ def summarize(rounds: list[list[float]]) -> dict[str, float]:
     the interquartile range of the round medians in % of their median."""
     medians = [statistics.median(times) for times in rounds]
     return {"median": statistics.median(medians), "min": min(min(times) for times in rounds), "spread_pct": _spread(medians)}
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside, the previous number afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ the entry

@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from growprune.evolution.types import EvalRequest, EvalResult
 from growprune.metrics import dense_flops
-from growprune.modes import evaluating, preserved_modes
+from growprune.modes import evaluating, preserved_modes, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,6 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 DEFAULT_SPARSE_BELOW = 0.08
 # Stacked weights of one vmap group at most (the batched GPU path splits larger populations).
 _BATCH_WEIGHT_BYTES = 2**30
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(count)`` inside (nothing when ``None``); the previous count after."""
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def wilson_bounds(correct: int, seen: int, total: int, confidence: float) -> tuple[float, float]:
@@ -493,7 +479,7 @@ class PopulationEvaluator:
         for request in requests:
             self._check_request(request)
         score = score or (lambda accuracy, size: accuracy)
-        with _threads(self.threads), contextlib.ExitStack() as stack:
+        with torch_threads(self.threads), contextlib.ExitStack() as stack:
             for request in requests:
                 if request.model is not None:
                     stack.enter_context(evaluating(request.model))
